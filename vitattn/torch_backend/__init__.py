@@ -1,0 +1,1 @@
+"""The "torch" backend: memory-bounded PyTorch implementations used where no kernel runs."""
