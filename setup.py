@@ -3,14 +3,9 @@
 The compiled extension vitattn._C (csrc/) is added here when it can be built.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=[
-        "vitattn",
-        "vitattn.reference",
-        "vitattn.torch_backend",
-        "vitattn.kernels",
-    ],
+    packages=find_packages(include=["vitattn", "vitattn.*"]) + ["vitattn.kernels"],
     package_dir={"vitattn.kernels": "kernels"},
 )

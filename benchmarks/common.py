@@ -1,0 +1,137 @@
+"""Timing, peak-memory and reporting helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5,
+            min_time: float = 0.0) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start_all) < min_time:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize(device)
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak extra memory of one call of fn() in MiB.
+
+    GPU: torch.cuda.max_memory_allocated over the call. CPU: the growth of the process's
+    resident-set high-water mark (Linux /proc, reset through clear_refs), or None where
+    that is unavailable.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        import gc
+
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        fn()
+        return max(0, _rss_kib("VmHWM") - base) / 1024
+    except OSError:
+        return None
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_type": device.type,
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "absent"
+    return env
+
+
+def commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def markdown_table(rows: List[Dict], columns: List[str]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
+        return "" if x is None else str(x)
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def write_results(name: str, rows: List[Dict], columns: List[str], device: torch.device, command: str,
+                  out_dir: Optional[str] = None) -> str:
+    """Write <name>.json and <name>.md under benchmarks/results/ (or out_dir); return the markdown."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment(device)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"environment": env, "command": command, "rows": rows}, f, indent=1)
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    md = f"# {name}\n\ncommand: `{command}`\n\n{header}\n\n{markdown_table(rows, columns)}\n"
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(md)
+    return md
