@@ -1,0 +1,120 @@
+"""Helpers shared by the model definitions: local-checkpoint loading and optional timm registration.
+
+No network access anywhere: ``pretrained`` is a local file path (or False/None).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+# Keys under which training scripts (DeiT/timm/RMT/SReT style) nest the weights in a checkpoint.
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
+
+# Arguments timm's create_model passes to every entrypoint; our constructors do not use them.
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+ATTN_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+
+def _extract_state_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint (plain state_dict or one nested under a known key)."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"load_pretrained: path {path!r} does not hold a state_dict (got {type(obj).__name__})")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = dict(obj)
+    else:
+        for key in _NESTED_KEYS:
+            if key in obj and isinstance(obj[key], (Mapping, nn.Module)):
+                return _extract_state_dict(obj[key], path)
+        raise ValueError(
+            f"load_pretrained: path {path!r} holds a dict with keys {sorted(map(str, obj))[:8]} but neither "
+            f"tensors nor a nested state_dict under one of {_NESTED_KEYS}"
+        )
+    # weights saved from a DistributedDataParallel / DataParallel wrapper
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_pretrained(model: nn.Module, path) -> nn.Module:
+    """Load a local checkpoint into ``model`` with strict=True and return the model.
+
+    ``path`` is a file written by ``torch.save`` holding a state_dict, or a dict with the
+    state_dict under "model" / "state_dict" (official training scripts), optionally with the
+    "module." prefix of DistributedDataParallel. Only tensors are unpickled (weights_only).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_pretrained: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"load_pretrained: path must be a local file path (str or os.PathLike), got {type(path).__name__}"
+        )
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"load_pretrained: path {path!r} is not an existing file (no network download is done)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    sd = _extract_state_dict(obj, path)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def check_attn_backend(name: str, attn_backend) -> str:
+    """Validate a model's attn_backend argument early (the ops would reject it only at forward time)."""
+    if not isinstance(attn_backend, str):
+        raise TypeError(f"{name}: attn_backend must be a string, got {type(attn_backend).__name__}")
+    if attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"{name}: attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
+    return attn_backend
+
+
+def build(name: str, cls: Callable[..., nn.Module], pretrained, cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
+    """Construct ``cls(**cfg, **kwargs)`` (kwargs override cfg) and load ``pretrained`` if it is a path."""
+    for k in _TIMM_ONLY_KWARGS:
+        kwargs.pop(k, None)
+    if pretrained is True:
+        raise ValueError(
+            f"{name}: pretrained=True would need a download; pass the path of a local checkpoint instead"
+        )
+    if pretrained not in (False, None) and (isinstance(pretrained, bool)
+                                            or not isinstance(pretrained, (str, os.PathLike))):
+        raise TypeError(
+            f"{name}: pretrained must be False, None or a local checkpoint path, got {type(pretrained).__name__}"
+        )
+    model = cls(**{**cfg, **kwargs})
+    if pretrained not in (False, None):
+        load_pretrained(model, pretrained)
+    return model
+
+
+def maybe_register_timm(fn: Callable) -> Callable:
+    """Decorator: also register ``fn`` in timm's model registry when timm is importable.
+
+    timm stays optional: without it this is a no-op. A name timm already knows is left to
+    timm (with a warning) rather than overwritten. Returns ``fn`` unchanged.
+    """
+    try:
+        from timm.models import is_model, register_model as timm_register
+    except Exception:  # timm absent or too old: nothing to do
+        return fn
+    try:
+        if is_model(fn.__name__):
+            warnings.warn(f"vitattn: timm already has a model named {fn.__name__!r}; not registering ours")
+            return fn
+
+        @functools.wraps(fn)
+        def entry(pretrained=False, **kwargs):
+            # timm passes its own pretrained_cfg arguments; build() drops them
+            return fn(pretrained=pretrained, **kwargs)
+
+        timm_register(entry)
+    except Exception as exc:  # a timm API change must not break `import vitattn.models`
+        warnings.warn(f"vitattn: could not register {fn.__name__!r} with timm: {exc!r}")
+    return fn
