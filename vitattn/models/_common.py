@@ -66,6 +66,28 @@ def load_pretrained(model: nn.Module, path) -> nn.Module:
     return model
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a sample's residual branch with probability ``drop_prob``
+    and rescale the kept ones by 1 / (1 - drop_prob); identity in eval mode. No parameters."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        if not 0.0 <= float(drop_prob) < 1.0:
+            raise ValueError(f"DropPath: drop_prob must lie in [0, 1), got {drop_prob}")
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        # one Bernoulli draw per sample, broadcast over the other dimensions
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
 def check_attn_backend(name: str, attn_backend) -> str:
     """Validate a model's attn_backend argument early (the ops would reject it only at forward time)."""
     if not isinstance(attn_backend, str):

@@ -1,0 +1,422 @@
+"""RMT (Retentive Networks Meet Vision Transformers, Fan et al., CVPR 2024) on vitattn.masa.
+
+Drop-in for the official release (qhfan/RMT, classfication_release/RMT.py, commit 32ea214):
+the module tree, parameter and buffer names and shapes are those of ``VisRetNet``, so an
+official state_dict loads with strict=True, and with the same weights the logits agree
+with the official code (fp32, eval mode). ``rmt_t``/``rmt_s``/``rmt_b``/``rmt_l`` are the
+official RMT_T3 / RMT_S / RMT_M2 / RMT_L6 configurations.
+
+Semantics kept from the official code:
+
+* q and k are rotated by the raster token index ``r * W + c`` (RoPE over interleaved
+  channel pairs, frequencies ``10000 ** -linspace(0, 1, key_dim // 2)``, buffer ``angle``);
+  k is scaled by ``key_dim ** -0.5`` *before* the rotation, so the op runs with scale=1.
+* the per-head decay buffer ``decay = log(1 - 2 ** -(init + range * h / heads))``; the op
+  takes gamma = exp(decay). Stages with ``chunkwise_recurrent`` use the decomposed form
+  (attention along W inside each row, then along H inside each column), the others the
+  full Manhattan-decay form; both are ``vitattn.masa``.
+* LCE (5x5 depthwise conv on v, added to the attention output), CPE (3x3 depthwise conv
+  residual before each block), the conv FFN, optional layer scale, and the head
+  (Linear -> BatchNorm -> Swish -> average pool -> Linear).
+
+Every block takes ``attn_backend`` ("auto", "cuda", "triton", "cpu" or "torch"), passed to
+vitattn.masa, so the same weights run fused or on the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+from torch import Tensor, nn
+
+from .. import masa
+from ._common import DropPath, build, check_attn_backend, maybe_register_timm
+from ._registry import register_model
+
+__all__ = ["VisRetNet", "RetBlock", "VisionRetention", "rmt_t", "rmt_s", "rmt_b", "rmt_l"]
+
+
+class DWConv2d(nn.Module):
+    """Depthwise conv on channels-last (B, H, W, C) activations (the permutes are views)."""
+
+    def __init__(self, dim: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class RetNetRelPos2d(nn.Module):
+    """Holds RMT's rotation frequencies (``angle``) and per-head log-decay (``decay``) buffers.
+
+    forward(H, W) -> (sin, cos, gamma): sin/cos of shape (H, W, 1, key_dim // 2) for the
+    rotation by raster index, gamma = exp(decay) of shape (heads,).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, initial_value: float, heads_range: float):
+        super().__init__()
+        key_dim = embed_dim // num_heads
+        if key_dim % 2:
+            raise ValueError(f"RMT: the key dim per head must be even for the rotation, got {key_dim}")
+        freq = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2))
+        # each frequency serves one interleaved (even, odd) channel pair: stored twice, as officially
+        angle = freq.repeat_interleave(2)
+        h = torch.arange(num_heads, dtype=torch.float)
+        decay = torch.log(1 - 2 ** (-initial_value - heads_range * h / num_heads))
+        self.initial_value = initial_value
+        self.heads_range = heads_range
+        self.num_heads = num_heads
+        self.register_buffer("angle", angle)
+        self.register_buffer("decay", decay)
+
+    def forward(self, H: int, W: int) -> Tuple[Tensor, Tensor, Tensor]:
+        index = torch.arange(H * W, device=self.decay.device).to(self.decay.dtype)
+        phase = index[:, None] * self.angle[None, 0::2]  # (H*W, key_dim/2), one per pair
+        sin = torch.sin(phase).reshape(H, W, 1, -1)
+        cos = torch.cos(phase).reshape(H, W, 1, -1)
+        return sin, cos, self.decay.exp()
+
+
+def rotate_pairs(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Rotate each interleaved channel pair (x[2i], x[2i+1]) of x (..., d) by the given angles.
+
+    Same arithmetic as the official ``x * cos + rotate_every_two(x) * sin``.
+    """
+    pairs = x.unflatten(-1, (-1, 2))
+    xe, xo = pairs[..., 0], pairs[..., 1]
+    return torch.stack((xe * cos - xo * sin, xo * cos + xe * sin), dim=-1).flatten(-2)
+
+
+class VisionRetention(nn.Module):
+    """RMT's Manhattan self-attention layer (official VisionRetentionChunk / VisionRetentionAll).
+
+    decomposed=True is the chunk form (rows then columns), False the whole-grid form.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, value_factor: int = 1, *, decomposed: bool = False,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        self.factor = value_factor
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim * value_factor // num_heads
+        self.key_dim = embed_dim // num_heads
+        self.scaling = self.key_dim ** -0.5
+        self.decomposed = bool(decomposed)
+        self.attn_backend = check_attn_backend("VisionRetention", attn_backend)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=True)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=True)
+        self.v_proj = nn.Linear(embed_dim, embed_dim * value_factor, bias=True)
+        self.lepe = DWConv2d(embed_dim * value_factor, 5, 1, 2)
+        self.out_proj = nn.Linear(embed_dim * value_factor, embed_dim, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.q_proj.weight, gain=2 ** -2.5)
+        nn.init.xavier_normal_(self.k_proj.weight, gain=2 ** -2.5)
+        nn.init.xavier_normal_(self.v_proj.weight, gain=2 ** -2.5)
+        nn.init.xavier_normal_(self.out_proj.weight)
+        nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def forward(self, x: Tensor, rel_pos: Tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """x: (B, H, W, C); rel_pos: (sin, cos, gamma) from RetNetRelPos2d."""
+        B, H, W, _ = x.shape
+        sin, cos, gamma = rel_pos
+        n = self.num_heads
+        v = self.v_proj(x)
+        lepe = self.lepe(v)
+        q = rotate_pairs(self.q_proj(x).view(B, H, W, n, self.key_dim), sin, cos)
+        k = rotate_pairs((self.k_proj(x) * self.scaling).view(B, H, W, n, self.key_dim), sin, cos)
+        # (B, H, W, heads, d) -> (B, heads, H, W, d) as strided views; the op takes any strides
+        out = masa(
+            q.permute(0, 3, 1, 2, 4), k.permute(0, 3, 1, 2, 4),
+            v.view(B, H, W, n, self.head_dim).permute(0, 3, 1, 2, 4),
+            gamma, decomposed=self.decomposed, scale=1.0, backend=self.attn_backend,
+        )
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, n * self.head_dim)
+        return self.out_proj(out + lepe)
+
+
+class FeedForwardNetwork(nn.Module):
+    """fc1 -> GELU -> (+ 3x3 depthwise conv residual) -> fc2, on (B, H, W, C)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, dropout: float = 0.0, activation_dropout: float = 0.0,
+                 subconv: bool = True):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.activation_dropout_module = nn.Dropout(activation_dropout)
+        self.dropout_module = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.dwconv = DWConv2d(ffn_dim, 3, 1, 1) if subconv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.activation_dropout_module(F.gelu(self.fc1(x)))
+        if self.dwconv is not None:
+            x = x + self.dwconv(x)
+        return self.dropout_module(self.fc2(x))
+
+
+class RetBlock(nn.Module):
+    """CPE residual, then pre-norm retention and FFN residuals (optionally layer-scaled)."""
+
+    def __init__(self, retention: str, embed_dim: int, num_heads: int, ffn_dim: int, drop_path: float = 0.0,
+                 layerscale: bool = False, layer_init_values: float = 1e-5, attn_backend: str = "auto"):
+        super().__init__()
+        if retention not in ("chunk", "whole"):
+            raise ValueError(f"RetBlock: retention must be 'chunk' or 'whole', got {retention!r}")
+        self.layerscale = layerscale
+        self.embed_dim = embed_dim
+        self.retention_layer_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.retention = VisionRetention(embed_dim, num_heads, decomposed=retention == "chunk",
+                                         attn_backend=attn_backend)
+        self.drop_path = DropPath(drop_path)
+        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ffn = FeedForwardNetwork(embed_dim, ffn_dim)
+        self.pos = DWConv2d(embed_dim, 3, 1, 1)
+        if layerscale:
+            self.gamma_1 = nn.Parameter(layer_init_values * torch.ones(1, 1, 1, embed_dim))
+            self.gamma_2 = nn.Parameter(layer_init_values * torch.ones(1, 1, 1, embed_dim))
+
+    def forward(self, x: Tensor, rel_pos: Tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        x = x + self.pos(x)
+        a = self.retention(self.retention_layer_norm(x), rel_pos)
+        if self.layerscale:
+            a = self.gamma_1 * a
+        x = x + self.drop_path(a)
+        f = self.ffn(self.final_layer_norm(x))
+        if self.layerscale:
+            f = self.gamma_2 * f
+        return x + self.drop_path(f)
+
+
+class PatchMerging(nn.Module):
+    """3x3 stride-2 conv + BatchNorm between stages, (B, H, W, C) -> (B, H/2, W/2, C')."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.dim = dim
+        self.reduction = nn.Conv2d(dim, out_dim, 3, 2, 1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+class BasicLayer(nn.Module):
+    """One stage: the relative-position buffers, ``depth`` RetBlocks and the optional downsampling."""
+
+    def __init__(self, embed_dim: int, out_dim: Optional[int], depth: int, num_heads: int, init_value: float,
+                 heads_range: float, ffn_dim: int, drop_path: Sequence[float], chunkwise_recurrent: bool,
+                 downsample: bool, use_checkpoint: bool = False, layerscale: bool = False,
+                 layer_init_values: float = 1e-5, attn_backend: str = "auto"):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        self.chunkwise_recurrent = chunkwise_recurrent
+        self.Relpos = RetNetRelPos2d(embed_dim, num_heads, init_value, heads_range)
+        flag = "chunk" if chunkwise_recurrent else "whole"
+        self.blocks = nn.ModuleList([
+            RetBlock(flag, embed_dim, num_heads, ffn_dim, drop_path[i], layerscale, layer_init_values, attn_backend)
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(embed_dim, out_dim) if downsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, H, W, _ = x.shape
+        rel_pos = self.Relpos(H, W)  # shared by the stage's blocks
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch_checkpoint.checkpoint(blk, x, rel_pos, use_reentrant=False)
+            else:
+                x = blk(x, rel_pos)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Convolutional stem: four 3x3 convs (two of stride 2) with BatchNorm and GELU -> (B, H/4, W/4, C)."""
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 96):
+        super().__init__()
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        half = embed_dim // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, embed_dim, 3, 2, 1), nn.BatchNorm2d(embed_dim), nn.GELU(),
+            nn.Conv2d(embed_dim, embed_dim, 3, 1, 1), nn.BatchNorm2d(embed_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def _per_stage(name: str, value, n: int) -> List:
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"VisRetNet: {name} must have one entry per stage ({n}), got {len(value)}")
+    return value
+
+
+class VisRetNet(nn.Module):
+    """The RMT backbone and classifier (official class name and module tree).
+
+    Input (B, in_chans, H, W) with H, W multiples of 32 recommended (any size >= 32 works:
+    the stem and downsampling convs pad). Returns (B, num_classes) logits.
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, embed_dims=(96, 192, 384, 768),
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), init_values=(1, 1, 1, 1),
+                 heads_ranges=(3, 3, 3, 3), mlp_ratios=(3, 3, 3, 3), drop_path_rate: float = 0.1,
+                 use_checkpoints=(False, False, False, False), chunkwise_recurrents=(True, True, False, False),
+                 projection: int = 1024, layerscales=(False, False, False, False), layer_init_values: float = 1e-6,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        check_attn_backend("VisRetNet", attn_backend)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"VisRetNet: num_classes must be an int >= 0, got {num_classes!r}")
+        n = len(depths)
+        embed_dims = _per_stage("embed_dims", embed_dims, n)
+        num_heads = _per_stage("num_heads", num_heads, n)
+        init_values = _per_stage("init_values", init_values, n)
+        heads_ranges = _per_stage("heads_ranges", heads_ranges, n)
+        mlp_ratios = _per_stage("mlp_ratios", mlp_ratios, n)
+        use_checkpoints = _per_stage("use_checkpoints", use_checkpoints, n)
+        chunkwise_recurrents = _per_stage("chunkwise_recurrents", chunkwise_recurrents, n)
+        layerscales = _per_stage("layerscales", layerscales, n)
+        for i, (c, h) in enumerate(zip(embed_dims, num_heads)):
+            if c % h:
+                raise ValueError(f"VisRetNet: embed_dims[{i}]={c} is not divisible by num_heads[{i}]={h}")
+
+        self.num_classes = num_classes
+        self.num_layers = n
+        self.embed_dim = embed_dims[0]
+        self.num_features = embed_dims[-1]
+        self.mlp_ratios = mlp_ratios
+        self.attn_backend = attn_backend
+
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]  # stochastic depth decay rule
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            start = sum(depths[:i])
+            self.layers.append(BasicLayer(
+                embed_dim=embed_dims[i],
+                out_dim=embed_dims[i + 1] if i < n - 1 else None,
+                depth=depths[i],
+                num_heads=num_heads[i],
+                init_value=init_values[i],
+                heads_range=heads_ranges[i],
+                ffn_dim=int(mlp_ratios[i] * embed_dims[i]),
+                drop_path=dpr[start:start + depths[i]],
+                chunkwise_recurrent=chunkwise_recurrents[i],
+                downsample=i < n - 1,
+                use_checkpoint=use_checkpoints[i],
+                layerscale=layerscales[i],
+                layer_init_values=layer_init_values,
+                attn_backend=attn_backend,
+            ))
+        self.proj = nn.Linear(self.num_features, projection)
+        self.norm = nn.BatchNorm2d(projection)
+        self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # as officially: applied after the layers' own init, so every Linear ends truncated-normal
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"absolute_pos_embed"}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        return {"relative_position_bias_table"}
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images -> (B, projection) pooled features."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"VisRetNet: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.patch_embed.in_chans:
+            raise ValueError(
+                f"VisRetNet: x must have shape (B, {self.patch_embed.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (B, projection, h, w)
+        return F.silu(x).mean(dim=(2, 3))  # Swish, then the average pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------- official configurations
+
+_CFGS = {
+    "rmt_t": dict(  # RMT_T3
+        embed_dims=[64, 128, 256, 512], depths=[2, 2, 8, 2], num_heads=[4, 4, 8, 16],
+        init_values=[2, 2, 2, 2], heads_ranges=[4, 4, 6, 6], mlp_ratios=[3, 3, 3, 3], drop_path_rate=0.1,
+        chunkwise_recurrents=[True, True, False, False], layerscales=[False, False, False, False],
+    ),
+    "rmt_s": dict(  # RMT_S
+        embed_dims=[64, 128, 256, 512], depths=[3, 4, 18, 4], num_heads=[4, 4, 8, 16],
+        init_values=[2, 2, 2, 2], heads_ranges=[4, 4, 6, 6], mlp_ratios=[4, 4, 3, 3], drop_path_rate=0.15,
+        chunkwise_recurrents=[True, True, True, False], layerscales=[False, False, False, False],
+    ),
+    "rmt_b": dict(  # RMT_M2
+        embed_dims=[80, 160, 320, 512], depths=[4, 8, 25, 8], num_heads=[5, 5, 10, 16],
+        init_values=[2, 2, 2, 2], heads_ranges=[5, 5, 6, 6], mlp_ratios=[4, 4, 3, 3], drop_path_rate=0.4,
+        chunkwise_recurrents=[True, True, True, False], layerscales=[False, False, True, True],
+        layer_init_values=1e-6,
+    ),
+    "rmt_l": dict(  # RMT_L6
+        embed_dims=[112, 224, 448, 640], depths=[4, 8, 25, 8], num_heads=[7, 7, 14, 20],
+        init_values=[2, 2, 2, 2], heads_ranges=[6, 6, 6, 6], mlp_ratios=[4, 4, 3, 3], drop_path_rate=0.5,
+        chunkwise_recurrents=[True, True, True, False], layerscales=[False, False, True, True],
+        layer_init_values=1e-6,
+    ),
+}
+
+
+@register_model
+@maybe_register_timm
+def rmt_t(pretrained=False, **kwargs) -> VisRetNet:
+    """RMT-T (official RMT_T3, 14.3M parameters). ``pretrained``: local checkpoint path."""
+    return build("rmt_t", VisRetNet, pretrained, _CFGS["rmt_t"], kwargs)
+
+
+@register_model
+@maybe_register_timm
+def rmt_s(pretrained=False, **kwargs) -> VisRetNet:
+    """RMT-S (official RMT_S, 27.0M parameters). ``pretrained``: local checkpoint path."""
+    return build("rmt_s", VisRetNet, pretrained, _CFGS["rmt_s"], kwargs)
+
+
+@register_model
+@maybe_register_timm
+def rmt_b(pretrained=False, **kwargs) -> VisRetNet:
+    """RMT-B (official RMT_M2, 54.2M parameters). ``pretrained``: local checkpoint path."""
+    return build("rmt_b", VisRetNet, pretrained, _CFGS["rmt_b"], kwargs)
+
+
+@register_model
+@maybe_register_timm
+def rmt_l(pretrained=False, **kwargs) -> VisRetNet:
+    """RMT-L (official RMT_L6, 95.5M parameters). ``pretrained``: local checkpoint path."""
+    return build("rmt_l", VisRetNet, pretrained, _CFGS["rmt_l"], kwargs)
