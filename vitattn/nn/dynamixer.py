@@ -1,0 +1,98 @@
+"""DynaMixer modules on the fused op: ``DynaMixerOp`` and ``DynaMixerBlock``.
+
+Class, argument and parameter names follow the official DynaMixer code
+(ziyuwwang/DynaMixer, models/dynamixer.py and models/utils.py) so its state_dicts load
+unchanged: ``compress``, ``generate``, ``out`` in the op; ``mix_h``, ``mix_w``, ``mlp_c``,
+``reweight.fc1/fc2``, ``proj`` in the block. The dynamic mixing runs through
+:func:`vitattn.dynamixer.dynamixer`; ``backend`` is passed to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..dynamixer import dynamixer
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> drop -> fc2 -> drop (the official utils.Mlp, used by the block's reweight)."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DynaMixerOp(nn.Module):
+    """Dynamic mixing of the L tokens of (..., L, dim) inputs, followed by the ``out`` projection.
+
+    seq_len must equal L. num_head is the number of channel segments S (dim % num_head == 0);
+    reduced_dim is d, the per-segment width of ``compress``.
+    """
+
+    def __init__(self, dim: int, seq_len: int, num_head: int, reduced_dim: int = 2, backend: str = "auto"):
+        super().__init__()
+        if dim % num_head != 0:
+            raise ValueError(f"DynaMixerOp: dim={dim} must be divisible by num_head={num_head}")
+        self.dim = dim
+        self.seq_len = seq_len
+        self.num_head = num_head
+        self.reduced_dim = reduced_dim
+        self.backend = backend
+        # creation order as in the official module, so a seeded init gives the same weights
+        self.out = nn.Linear(dim, dim)
+        self.compress = nn.Linear(dim, num_head * reduced_dim)
+        self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+
+    def mix(self, x: Tensor) -> Tensor:
+        """The dynamic mixing alone (no ``out`` projection)."""
+        return dynamixer(x, self.compress.weight, self.compress.bias, self.generate.weight,
+                         self.generate.bias, self.num_head, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.mix(x))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, seq_len={self.seq_len}, num_head={self.num_head}, "
+                f"reduced_dim={self.reduced_dim}, backend={self.backend!r}")
+
+
+class DynaMixerBlock(nn.Module):
+    """The official token-mixing block on (B, H, W, C): mixing along H, along W and across
+    channels, combined with a per-channel softmax reweighting, then ``proj``.
+
+    qk_scale and attn_drop are accepted for signature compatibility and unused (as upstream).
+    The H pass hands the op a transposed view; nothing is copied for it.
+    """
+
+    def __init__(self, dim, resolution=32, num_head=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
+                 proj_drop=0.0, backend: str = "auto"):
+        super().__init__()
+        self.resolution = resolution
+        self.num_head = num_head
+        self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim=2, backend=backend)
+        self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim=2, backend=backend)
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.reweight = Mlp(dim, dim // 4, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"DynaMixerBlock: x must be (B, H, W, C), got shape {tuple(x.shape)}")
+        B, H, W, C = x.shape
+        h = self.mix_h(x.transpose(1, 2)).transpose(1, 2)  # mix along H: (B, W, H, C) view
+        w = self.mix_w(x)
+        c = self.mlp_c(x)
+        a = (h + w + c).mean(dim=(1, 2))  # (B, C)
+        a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+        x = h * a[0] + w * a[1] + c * a[2]
+        return self.proj_drop(self.proj(x))
