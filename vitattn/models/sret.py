@@ -1,0 +1,454 @@
+"""SReT (Sliced Recursive Transformer, Shen et al., ECCV 2022) on vitattn's group attention.
+
+``sret_t``, ``sret_lt`` and ``sret_s`` are the official ``SReT_T``, ``SReT_LT`` and
+``SReT_S`` (szq0214/SReT, SReT.py): the same parameter and buffer names and shapes, so the
+official checkpoints load with ``strict=True``, and the same computation:
+
+* a convolutional stem (three stride-2 3x3 conv + BN + ReLU) and a learned 2-D position
+  embedding, three stages separated by depthwise stride-2 convolutions, global average
+  pooling, LayerNorm and a linear head;
+* in every stage each *shared* transformer block is applied twice ("recursion"); every
+  application is followed by its own non-linear projection layer (NLL: LayerNorm + MLP
+  with learnable residual coefficients). The first application attends within
+  ``groups1`` contiguous token groups, the recursive one within ``groups2`` groups of a
+  random token permutation (sliced group self-attention, groups [8, 4, 1] / [2, 1, 1]);
+* every residual branch is scaled by a learnable coefficient.
+
+Attention runs through :func:`vitattn.group_attention.group_attention` with the model's
+``attn_backend`` ("auto" picks the fused kernel where one can run, "torch" the PyTorch path).
+
+Permutation of the recursive pass (only where ``groups2 > 1``)
+---------------------------------------------------------------
+* training mode: a fresh permutation per call, drawn on the input's device with
+  :func:`vitattn.group_attention.random_permutation` (the official behaviour). It uses the
+  device's default generator (seed it with ``torch.manual_seed``), or a private one after
+  ``model.seed_permutations(seed)``.
+* eval mode, set by ``eval_permutation`` (constructor argument, or
+  ``model.set_eval_permutation(mode, seed)``):
+
+  - ``"fixed"`` (default): one permutation per layer, drawn once from ``permutation_seed``
+    on the CPU (so it is the same on every device) and kept as a non-persistent buffer:
+    eval is deterministic and the state_dict stays the official one;
+  - ``"random"``: a fresh permutation per call, as the official code does in eval;
+  - ``"off"``: no permutation (groups are contiguous token ranges).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._common import DropPath, build, check_attn_backend, maybe_register_timm
+from ._registry import register_model
+
+EVAL_PERMUTATIONS = ("fixed", "random", "off")
+
+__all__ = ["SReT", "sret_t", "sret_lt", "sret_s", "EVAL_PERMUTATIONS"]
+
+
+def _group_attention():
+    # imported on use so that `import vitattn.models` does not pull the op in eagerly
+    from .. import group_attention as ga
+
+    return ga
+
+
+# ---------------------------------------------------------------- layers
+
+
+class LearnableCoefficient(nn.Module):
+    """A learned scalar multiplying a residual branch (parameter named ``bias`` as in SReT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.bias
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class NonLinearProjection(nn.Module):
+    """SReT's NLL layer (official ``Non_proj``): x * c1 + c2 * MLP(LN(x)), no attention."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.coefficient1 = LearnableCoefficient()
+        self.coefficient2 = LearnableCoefficient()
+
+    def forward(self, x: Tensor, recursive: bool = False) -> Tensor:
+        return self.coefficient1(x) + self.coefficient2(self.mlp(self.norm1(x)))
+
+
+class GroupAttention(nn.Module):
+    """Multi-head self-attention inside token groups, through the vitattn group_attention op.
+
+    The first application (``recursive=False``) uses ``groups1`` contiguous groups; the
+    recursive one uses ``groups2`` groups of a token permutation when ``groups2 > 1`` (see
+    the module docstring for how that permutation is chosen). ``num_tokens``, when known,
+    lets the fixed eval permutation be built at construction (needed under torch.compile).
+    """
+
+    def __init__(self, dim: int, num_heads: int, groups1: int, groups2: int, *, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, proj_drop: float = 0.0, attn_backend: str = "auto",
+                 num_tokens: Optional[int] = None, eval_permutation: str = "fixed",
+                 permutation_seed: int = 0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"GroupAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.groups1 = groups1
+        self.groups2 = groups2
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_backend = check_attn_backend("GroupAttention", attn_backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # training permutations: None = the device's default generator
+        self.generator: Optional[torch.Generator] = None
+        self.register_buffer("eval_perm", None, persistent=False)
+        self.set_eval_permutation(eval_permutation, permutation_seed, num_tokens)
+
+    def set_eval_permutation(self, mode: str, seed: int = 0, num_tokens: Optional[int] = None) -> None:
+        if mode not in EVAL_PERMUTATIONS:
+            raise ValueError(f"GroupAttention: eval_permutation must be one of {EVAL_PERMUTATIONS}, got {mode!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"GroupAttention: permutation_seed must be an int, got {type(seed).__name__}")
+        self.eval_permutation = mode
+        self.permutation_seed = seed
+        if num_tokens is None and self.eval_perm is not None:
+            num_tokens = self.eval_perm.numel()
+        self.eval_perm = None
+        if mode == "fixed" and num_tokens is not None and self.groups2 > 1:
+            self.eval_perm = self._draw_fixed(num_tokens)
+
+    def _draw_fixed(self, n: int) -> Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.permutation_seed)
+        perm = _group_attention().random_permutation(n, device=torch.device("cpu"), generator=gen)
+        device = self.qkv.weight.device
+        return perm.to(device) if device.type != "meta" else perm
+
+    def _permutation(self, n: int, device: torch.device) -> Optional[Tensor]:
+        if self.training:
+            return _group_attention().random_permutation(n, device=device, generator=self.generator)
+        if self.eval_permutation == "off":
+            return None
+        if self.eval_permutation == "random":
+            return _group_attention().random_permutation(n, device=device, generator=self.generator)
+        if self.eval_perm is None or self.eval_perm.numel() != n:
+            # built lazily in eager mode when the token count was not known at construction
+            self.eval_perm = self._draw_fixed(n)
+        return self.eval_perm.to(device)
+
+    def forward(self, x: Tensor, recursive: bool = False) -> Tensor:
+        B, N, C = x.shape
+        groups = self.groups2 if recursive else self.groups1
+        perm = self._permutation(N, x.device) if (recursive and groups > 1) else None
+        # (B, N, 3 * C) -> three (B, heads, N, head_dim) views; channels are head-major
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = _group_attention().group_attention(q, k, v, groups, perm=perm, scale=self.scale,
+                                                 backend=self.attn_backend)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class SReTBlock(nn.Module):
+    """Shared transformer block (official ``Transformer_Block``) with learnable residual coefficients."""
+
+    def __init__(self, dim: int, num_heads: int, groups1: int, groups2: int, mlp_ratio: float, *,
+                 drop: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
+                 num_tokens: Optional[int] = None, eval_permutation: str = "fixed", permutation_seed: int = 0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = GroupAttention(dim, num_heads, groups1, groups2, qkv_bias=True, proj_drop=drop,
+                                   attn_backend=attn_backend, num_tokens=num_tokens,
+                                   eval_permutation=eval_permutation, permutation_seed=permutation_seed)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.coefficient1 = LearnableCoefficient()
+        self.coefficient2 = LearnableCoefficient()
+        self.coefficient3 = LearnableCoefficient()
+        self.coefficient4 = LearnableCoefficient()
+
+    def forward(self, x: Tensor, recursive: bool = False) -> Tensor:
+        x = self.coefficient1(x) + self.coefficient2(self.drop_path(self.attn(self.norm1(x), recursive)))
+        return self.coefficient3(x) + self.coefficient4(self.drop_path(self.mlp(self.norm2(x))))
+
+
+class SReTStage(nn.Module):
+    """One stage (official ``Transformer``): each shared block applied ``depth // recursive_num``
+    times, every application followed by its own NLL layer.
+
+    ``blocks`` lists the applications in order, so a shared block appears under several
+    indices (as in the official state_dict); the applications after the first of a block are
+    the recursive ones.
+    """
+
+    def __init__(self, base_dim: int, depth: int, recursive_num: int, groups1: int, groups2: int, heads: int,
+                 mlp_ratio: float, np_mlp_ratio: float, *, drop_rate: float = 0.0,
+                 drop_path: Optional[Sequence[float]] = None, attn_backend: str = "auto",
+                 num_tokens: Optional[int] = None, eval_permutation: str = "fixed", permutation_seed: int = 0):
+        super().__init__()
+        if depth % recursive_num:
+            raise ValueError(f"SReT: depth ({depth}) must be a multiple of recursive_num ({recursive_num})")
+        dim = base_dim * heads
+        drop_path = list(drop_path) if drop_path is not None else [0.0] * depth
+        self.layers = nn.ModuleList()  # empty in the official model too; kept for the same attribute set
+        shared = [
+            SReTBlock(dim, heads, groups1, groups2, mlp_ratio, drop=drop_rate, drop_path=drop_path[i],
+                      attn_backend=attn_backend, num_tokens=num_tokens, eval_permutation=eval_permutation,
+                      permutation_seed=permutation_seed + i)
+            for i in range(recursive_num)
+        ]
+        loops = depth // recursive_num
+        nll = [NonLinearProjection(dim, np_mlp_ratio, drop_rate) for _ in range(depth)]
+        order: List[nn.Module] = []
+        self._recursive: List[bool] = []
+        for b in range(recursive_num):
+            for r in range(loops):
+                order += [shared[b], nll[b * loops + r]]
+                self._recursive += [r > 0, False]
+        self.blocks = nn.ModuleList(order)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        for blk, recursive in zip(self.blocks, self._recursive):
+            x = blk(x, recursive)
+        return x.transpose(1, 2).reshape(B, C, H, W)
+
+
+class ConvHeadPooling(nn.Module):
+    """Depthwise-grouped strided convolution between stages (official ``conv_head_pooling``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=stride + 1, padding=stride // 2, stride=stride,
+                              groups=in_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class ConvEmbedding(nn.Module):
+    """Stem: three stride-2 3x3 conv + BN + ReLU, overall stride 8 (official ``conv_embedding``)."""
+
+    def __init__(self, in_chans: int, out_dim: int):
+        super().__init__()
+        mid = out_dim // 2
+        self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(mid, out_dim, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_dim)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(out_dim, out_dim, 3, stride=2, padding=1)
+        self.bn3 = nn.BatchNorm2d(out_dim)
+        self.relu3 = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.relu3(self.bn3(self.conv3(x)))
+
+
+# ---------------------------------------------------------------- model
+
+
+class SReT(nn.Module):
+    """Sliced Recursive Transformer. See the module docstring for the architecture and the
+    ``eval_permutation`` / ``permutation_seed`` switch.
+
+    ``img_size`` must be a multiple of 8 (the position embedding is (img_size / 8)^2) and give
+    every stage a token count divisible by its group counts (224 for the official weights).
+    """
+
+    def __init__(self, img_size: int = 224, base_dims: Sequence[int] = (32, 32, 32), depth: Sequence[int] = (4, 10, 6),
+                 recursive_num: Sequence[int] = (2, 5, 3), heads: Sequence[int] = (2, 4, 8),
+                 groups1: Sequence[int] = (8, 4, 1), groups2: Sequence[int] = (2, 1, 1), mlp_ratio: float = 3.6,
+                 np_mlp_ratio: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, attn_backend: str = "auto",
+                 eval_permutation: str = "fixed", permutation_seed: int = 0):
+        super().__init__()
+        self._check_config(img_size, base_dims, depth, recursive_num, heads, groups1, groups2, num_classes,
+                           attn_drop_rate, eval_permutation)
+        self.attn_backend = check_attn_backend("SReT", attn_backend)
+        self.permutation_seed = permutation_seed
+        self.base_dims = list(base_dims)
+        self.heads = list(heads)
+        self.num_classes = num_classes
+        width = img_size // 8
+        self.pos_embed = nn.Parameter(torch.zeros(1, base_dims[0] * heads[0], width, width))
+        self.patch_embed = ConvEmbedding(in_chans, base_dims[0] * heads[0])
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.transformers = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        total = sum(depth)
+        start = 0
+        for s in range(len(depth)):
+            dpr = [drop_path_rate * i / total for i in range(start, start + depth[s])]
+            start += depth[s]
+            self.transformers.append(SReTStage(
+                base_dims[s], depth[s], recursive_num[s], groups1[s], groups2[s], heads[s], mlp_ratio,
+                np_mlp_ratio, drop_rate=drop_rate, drop_path=dpr, attn_backend=attn_backend,
+                num_tokens=self._side(img_size, s) ** 2, eval_permutation=eval_permutation,
+                permutation_seed=permutation_seed + 1000 * s))
+            if s < len(depth) - 1:
+                self.pools.append(ConvHeadPooling(base_dims[s] * heads[s], base_dims[s + 1] * heads[s + 1], 2))
+        self.embed_dim = base_dims[-1] * heads[-1]
+        self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _side(img_size: int, stage: int) -> int:
+        side = img_size // 8
+        for _ in range(stage):
+            side = (side + 1) // 2  # 3x3 stride-2 padding-1 pooling conv
+        return side
+
+    @classmethod
+    def _check_config(cls, img_size, base_dims, depth, recursive_num, heads, groups1, groups2, num_classes,
+                      attn_drop_rate, eval_permutation) -> None:
+        if isinstance(img_size, bool) or not isinstance(img_size, int):
+            raise TypeError(f"SReT: img_size must be an int, got {type(img_size).__name__}")
+        if img_size <= 0 or img_size % 8:
+            raise ValueError(f"SReT: img_size must be a positive multiple of 8, got {img_size}")
+        n = len(depth)
+        for name, seq in (("base_dims", base_dims), ("recursive_num", recursive_num), ("heads", heads),
+                          ("groups1", groups1), ("groups2", groups2)):
+            if len(seq) != n:
+                raise ValueError(f"SReT: {name} must have one entry per stage ({n}), got {list(seq)}")
+        for s in range(n):
+            tokens = cls._side(img_size, s) ** 2
+            for name, g in (("groups1", groups1[s]), ("groups2", groups2[s])):
+                if g < 1 or tokens % g:
+                    raise ValueError(f"SReT: {name}[{s}]={g} must divide the stage's {tokens} tokens "
+                                     f"(img_size={img_size})")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"SReT: num_classes must be an int >= 0, got {num_classes!r}")
+        if attn_drop_rate != 0:
+            raise ValueError(f"SReT: attn_drop_rate must be 0 (the group_attention op has no attention "
+                             f"dropout; the official configs use 0), got {attn_drop_rate}")
+        if eval_permutation not in EVAL_PERMUTATIONS:
+            raise ValueError(f"SReT: eval_permutation must be one of {EVAL_PERMUTATIONS}, got {eval_permutation!r}")
+
+    # ------------------------------------------------ permutation switches
+
+    def _group_attentions(self) -> List[GroupAttention]:
+        return [m for m in self.modules() if isinstance(m, GroupAttention)]
+
+    def set_eval_permutation(self, mode: str, seed: Optional[int] = None) -> "SReT":
+        """Choose the eval-mode permutation of the recursive pass: "fixed", "random" or "off".
+
+        ``seed`` (default: keep the current one) redraws the fixed permutations.
+        """
+        if mode not in EVAL_PERMUTATIONS:
+            raise ValueError(f"SReT: mode must be one of {EVAL_PERMUTATIONS}, got {mode!r}")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"SReT: seed must be an int or None, got {type(seed).__name__}")
+            self.permutation_seed = seed
+        for s, stage in enumerate(self.transformers):
+            # shared blocks in order; the same per-layer seeds as at construction
+            attns = [m for m in stage.modules() if isinstance(m, GroupAttention)]
+            for i, m in enumerate(attns):
+                m.set_eval_permutation(mode, self.permutation_seed + 1000 * s + i)
+        return self
+
+    def seed_permutations(self, seed: Optional[int], device=None) -> "SReT":
+        """Draw training (and eval "random") permutations from a private generator seeded with
+        ``seed`` on ``device`` (default: the parameters' device); ``None`` goes back to the
+        device's default generator."""
+        gen = None
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"SReT: seed must be an int or None, got {type(seed).__name__}")
+            device = torch.device(device) if device is not None else self.pos_embed.device
+            gen = torch.Generator(device=device).manual_seed(seed)
+        for m in self._group_attentions():
+            m.generator = gen
+        return self
+
+    # ------------------------------------------------ forward
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "") -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        if x.shape[-2:] != self.pos_embed.shape[-2:]:
+            raise ValueError(f"SReT: the input must be {8 * self.pos_embed.shape[-1]}x{8 * self.pos_embed.shape[-2]} "
+                             f"pixels (img_size of this model), got {tuple(x.shape[-2:])} patches")
+        x = self.pos_drop(x + self.pos_embed)
+        for stage, pool in zip(self.transformers, self.pools):
+            x = pool(stage(x))
+        x = self.transformers[-1](x)
+        return self.norm(torch.flatten(self.avgpool(x), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------- constructors (official configs)
+
+_TINY = dict(base_dims=(32, 32, 32), depth=(4, 10, 6), recursive_num=(2, 5, 3), heads=(2, 4, 8),
+             groups1=(8, 4, 1), groups2=(2, 1, 1))
+
+_CFGS = {
+    "sret_t": dict(_TINY, mlp_ratio=3.6, np_mlp_ratio=1.0),   # SReT_T
+    "sret_lt": dict(_TINY, mlp_ratio=4.0, np_mlp_ratio=1.0),  # SReT_LT
+    "sret_s": dict(base_dims=(42, 42, 42), depth=(4, 10, 6), recursive_num=(2, 5, 3), heads=(3, 6, 12),
+                   groups1=(8, 4, 1), groups2=(2, 1, 1), mlp_ratio=3.0, np_mlp_ratio=2.0),  # SReT_S
+}
+
+
+@maybe_register_timm
+@register_model
+def sret_t(pretrained=False, **kwargs) -> SReT:
+    """SReT-T (official SReT_T, 4,755,979 parameters). ``pretrained``: local checkpoint path."""
+    return build("sret_t", SReT, pretrained, _CFGS["sret_t"], kwargs)
+
+
+@maybe_register_timm
+@register_model
+def sret_lt(pretrained=False, **kwargs) -> SReT:
+    """SReT-LT (official SReT_LT, 4,988,024 parameters). ``pretrained``: local checkpoint path."""
+    return build("sret_lt", SReT, pretrained, _CFGS["sret_lt"], kwargs)
+
+
+@maybe_register_timm
+@register_model
+def sret_s(pretrained=False, **kwargs) -> SReT:
+    """SReT-S (official SReT_S, 20,899,692 parameters). ``pretrained``: local checkpoint path."""
+    return build("sret_s", SReT, pretrained, _CFGS["sret_s"], kwargs)
