@@ -1,11 +1,93 @@
-"""Build script: packages vitattn with kernels/ shipped as vitattn.kernels.
+"""Build script: packages vitattn with kernels/ shipped as vitattn.kernels, plus the
+compiled extension vitattn._C (csrc/) built with torch.utils.cpp_extension and ninja.
 
-The compiled extension vitattn._C (csrc/) is added here when it can be built.
+- The C++ CPU kernels are always built; the CUDA kernels (csrc/cuda/*.cu) too when the
+  installed torch has CUDA and nvcc is found.
+- VITATTN_NO_EXT=1 skips the extension (the torch and Triton backends still work and
+  ``python -m vitattn.info`` says why "cpu" / "cuda" are absent).
+- VITATTN_CUDA_ARCHS picks the GPU architectures, ";"- or ","-separated, default
+  "sm_80;sm_90" (sm_90a etc. accepted).
+
+Build against the torch already installed: ``pip install --no-build-isolation -e .``.
 """
 
+import glob
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _cuda_arch_list(spec: str) -> str:
+    """'sm_80;sm_90a' -> '8.0;9.0a' (the TORCH_CUDA_ARCH_LIST spelling torch expects)."""
+    out = []
+    for item in spec.replace(",", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.startswith("sm_") or len(item) < 5 or not item[3:5].isdigit():
+            raise SystemExit(f"VITATTN_CUDA_ARCHS: expected entries like sm_80 or sm_90a, got {item!r}")
+        digits, suffix = item[3:5], item[5:]
+        out.append(f"{digits[0]}.{digits[1]}{suffix}")
+    if not out:
+        raise SystemExit("VITATTN_CUDA_ARCHS is empty")
+    return ";".join(out)
+
+
+def _extensions():
+    """([Extension], cmdclass) for vitattn._C, or ([], {}) when it is not to be built."""
+    if _flag("VITATTN_NO_EXT"):
+        print("vitattn: VITATTN_NO_EXT is set, not building vitattn._C", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except ImportError as exc:  # e.g. an isolated build environment without torch
+        print(f"vitattn: torch is not importable ({exc}); not building vitattn._C. "
+              "Install with `pip install --no-build-isolation -e .`", file=sys.stderr)
+        return [], {}
+
+    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
+    cxx = ["-O3", "-std=c++20", "-Wno-psabi"]
+    ldflags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP code inlined from the headers: without -fopenmp it runs
+        # serially. The libgomp.so.1 that torch already loaded serves it (same soname).
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    nvcc = None
+    if torch.version.cuda is not None and ce.CUDA_HOME is not None:
+        cand = os.path.join(ce.CUDA_HOME, "bin", "nvcc")
+        nvcc = cand if os.path.exists(cand) else None
+    if nvcc is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(os.environ.get("VITATTN_CUDA_ARCHS", "sm_80;sm_90"))
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        ext = ce.CUDAExtension(
+            "vitattn._C", sources,
+            define_macros=[("VITATTN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=ldflags,
+        )
+    else:
+        why = "torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (CUDA_HOME)"
+        print(f"vitattn: building vitattn._C with the CPU kernels only ({why})", file=sys.stderr)
+        ext = ce.CppExtension("vitattn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(include=["vitattn", "vitattn.*"]) + ["vitattn.kernels"],
     package_dir={"vitattn.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,34 @@
+// Python bindings of vitattn._C (pybind11). The MaSA CPU kernels are always built; the
+// CUDA ones when setup.py found a CUDA torch and nvcc (it then defines VITATTN_WITH_CUDA).
+#include <torch/extension.h>
+
+#include "cpu/masa.h"
+#if defined(VITATTN_WITH_CUDA)
+#include "cuda/masa_torch.h"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vitattn compiled kernels (C++ CPU and CUDA)";
+  // the kernels never touch Python objects: let other threads run meanwhile
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("masa_cpu_fwd", &vitattn::masa_cpu_fwd, "MaSA grid-attention pass, forward (CPU)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("log_gamma"), py::arg("scale"), py::arg("axis"), nogil);
+  m.def("masa_cpu_bwd", &vitattn::masa_cpu_bwd, "MaSA grid-attention pass, backward (CPU)", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("log_gamma"),
+        py::arg("scale"), py::arg("axis"), nogil);
+  m.def("masa_cpu_isa", &vitattn::masa_cpu_isa, "instruction set of the CPU kernels in use");
+#if defined(VITATTN_WITH_CUDA)
+  m.attr("with_cuda") = true;
+  m.def("masa_cuda_fwd", &vitattn::masa_cuda_fwd, "MaSA grid-attention pass, forward (CUDA)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("log_gamma"), py::arg("scale"), py::arg("axis"), nogil);
+  m.def("masa_cuda_bwd", &vitattn::masa_cuda_bwd, "MaSA grid-attention pass, backward (CUDA)", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("log_gamma"),
+        py::arg("scale"), py::arg("axis"), nogil);
+  m.def("masa_cuda_can_run", &vitattn::masa_cuda_can_run,
+        "None if the CUDA kernels serve this call, else the reason", py::arg("q"), py::arg("dv"), py::arg("axis"));
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
