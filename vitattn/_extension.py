@@ -8,10 +8,13 @@ ImportError with it. The torch and Triton backends never depend on this module.
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from . import _dispatch
-from . import masa as _masa
+
+# the module, not the function: vitattn/__init__.py binds the name vitattn.masa to the op
+_masa = importlib.import_module(__name__.rpartition(".")[0] + ".masa")
 
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the repository "
                "(a C++ compiler and ninja are needed; VITATTN_NO_EXT=1 skips it)")
@@ -52,6 +55,14 @@ def why_unavailable() -> str:
 
 def has_cuda() -> bool:
     return _compiled is not None and bool(getattr(_compiled, "with_cuda", False))
+
+
+def status() -> str:
+    """One line for `python -m vitattn.info`: what was built, or why nothing was."""
+    if _compiled is None:
+        return f"absent: {_ERR}"
+    cuda = "built" if has_cuda() else "not built (torch without CUDA or no nvcc at build time)"
+    return f"loaded (CPU kernels: {_compiled.masa_cpu_isa()} build; CUDA kernels: {cuda})"
 
 
 # ---------------------------------------------------------------- MaSA backends
