@@ -6,3 +6,17 @@ from ._dispatch import BackendUnavailableError  # noqa: F401
 from ._validate import set_value_checks  # noqa: F401
 from .masa import masa  # noqa: F401
 from . import reference  # noqa: F401
+
+
+def explain(op: str, *args, **kwargs):
+    """For op ("masa", ...), the backends in the order "auto" tries them, each with None
+    (it can run these arguments) or the reason it cannot."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"{__name__}.{op}")
+    except ModuleNotFoundError:
+        raise ValueError(f"explain: unknown op {op!r}") from None
+    if not hasattr(mod, "explain"):
+        raise ValueError(f"explain: unknown op {op!r}")
+    return mod.explain(*args, **kwargs)

@@ -65,6 +65,10 @@ class Dispatcher:
         seen += [(n, _missing_reason(n)) for n in self.known if n not in names and n != "auto"]
         return seen
 
+    def explain_registered(self) -> List[Tuple[str, int]]:
+        """Registered backends and their ranks, in preference order."""
+        return [(b.name, b.rank) for b in self._ordered()]
+
     def choose(self, requested: Any, ctx: Dict[str, Any]) -> str:
         if not isinstance(requested, str):
             raise TypeError(f"{self.op}: backend must be a string, got {type(requested).__name__}")
