@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what vitattn needs on a fresh machine, then vitattn itself (editable, with its
+# compiled extension when a compiler is present). Safe to run again: it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# torch is pinned to the CPU build on machines without a GPU; an unpinned torch pulls several
+# GB of CUDA wheels. On a CUDA machine, install your CUDA torch first: it is kept.
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q "torch==2.13.0"
+fi
+need=()
+$PY -c "import triton" 2>/dev/null || need+=("triton==3.9.0")
+for m in numpy pytest hypothesis ninja pybind11; do
+  $PY -c "import $m" 2>/dev/null || need+=("$m")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  $PY -m pip install -q "${need[@]}"
+fi
+# --no-build-isolation: build against the torch installed above, never a freshly pulled one
+# (checked from another folder, so that only an installed vitattn is found)
+here=$(pwd)
+if ! (cd / && $PY -c "import os, sys, vitattn.kernels; sys.exit(0 if os.path.samefile(os.path.dirname(vitattn.__file__), '$here/vitattn') else 1)") 2>/dev/null
+then
+  $PY -m pip install -q --no-build-isolation --no-deps -e .
+fi
