@@ -26,6 +26,7 @@ program each and updated in a fixed order: no atomics, deterministic.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -34,18 +35,50 @@ import triton.language as tl
 
 NEG = tl.constexpr(float("-inf"))
 
+# Under TRITON_INTERPRET=1 every call of a @triton.jit device function re-patches
+# triton.language (about 1 ms per call), which dominated the test time. There the
+# helpers below run as plain Python functions inside the kernel, which has already
+# patched the language; compiled kernels get ordinary @triton.jit device functions.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _device(fn):
+    return fn if _INTERPRET else triton.jit(fn)
+
+
+# Reductions: tl.sum / tl.max are themselves jit functions (same per-call cost under the
+# interpreter); there they go straight to tl.reduce with Triton's own combine functions,
+# which the interpreter maps onto numpy.
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", None)
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", None)
+
+if _INTERPRET and _SUM_COMBINE is not None and _MAX_COMBINE is not None:
+    def _rsum(x, AXIS):
+        return tl.reduce(x, AXIS, _SUM_COMBINE)
+
+    def _rmax(x, AXIS):
+        return tl.reduce(x, AXIS, _MAX_COMBINE)
+else:
+    @triton.jit
+    def _rsum(x, AXIS: tl.constexpr):
+        return tl.sum(x, AXIS)
+
+    @triton.jit
+    def _rmax(x, AXIS: tl.constexpr):
+        return tl.max(x, AXIS)
+
 
 # ---------------------------------------------------------------- tile helpers
 
 
-@triton.jit
+@_device
 def _row_tile(base, s_r, s_c, offs_r, offs_c, R, C, ACC: tl.constexpr):
     ptrs = base + offs_r[:, None] * s_r + offs_c[None, :] * s_c
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
     return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
 
 
-@triton.jit
+@_device
 def _store_tile(base, s_r, s_c, offs_r, offs_c, R, C, val, ADD: tl.constexpr):
     ptrs = base + offs_r[:, None] * s_r + offs_c[None, :] * s_c
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
@@ -54,7 +87,7 @@ def _store_tile(base, s_r, s_c, offs_r, offs_c, R, C, val, ADD: tl.constexpr):
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_device
 def _scores(s_base, s_sn, s_sm, x_t, ref, f_base, s_fn, s_fm, offs_n, offs_m, N, M, inv_eps,
             FROM_X: tl.constexpr, HAS_F: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """(K, F): K = F * S / eps for a tile of rows (F = 1 without a filter)."""
@@ -69,12 +102,12 @@ def _scores(s_base, s_sn, s_sm, x_t, ref, f_base, s_fn, s_fm, offs_n, offs_m, N,
     return filt * s * inv_eps, filt
 
 
-@triton.jit
+@_device
 def _row_pot(K, g, la, col_ok):
     """f = log a - LSE_j(K + g) for a tile of rows (padded columns excluded)."""
     z = tl.where(col_ok[None, :], K + g[None, :], NEG)
-    mx = tl.max(z, 1)
-    return la - (mx + tl.log(tl.sum(tl.exp(z - mx[:, None]), 1)))
+    mx = _rmax(z, 1)
+    return la - (mx + tl.log(_rsum(tl.exp(z - mx[:, None]), 1)))
 
 
 # ---------------------------------------------------------------- forward
@@ -138,10 +171,10 @@ def _fwd_kernel(
             la = tl.load(la_base + offs_n * s_ln, mask=row_ok, other=0.0).to(ACC)
             f = _row_pot(K, g_prev, la, col_ok)
             zc = tl.where(row_ok[:, None], K + f[:, None], NEG)
-            new = tl.maximum(cmax, tl.max(zc, 0))
+            new = tl.maximum(cmax, _rmax(zc, 0))
             alpha = tl.exp(cmax - new)
             p = tl.exp(zc - new[None, :])
-            csum = csum * alpha + tl.sum(p, 0)
+            csum = csum * alpha + _rsum(p, 0)
             if MODE != 0:
                 if last:
                     v_t = _row_tile(v_base, s_vn, s_vd, offs_n, offs_dv, N, DV, ACC)
@@ -184,7 +217,7 @@ def _fwd_kernel(
 # ---------------------------------------------------------------- backward
 
 
-@triton.jit
+@_device
 def _emit(dK, filt, inv_eps, x_t, ref, dref, ds_base, s_dn, s_dm, dx_base, s_gn, s_gd,
           offs_n, offs_m, offs_d, N, M, D,
           FIRST: tl.constexpr, FROM_X: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -308,8 +341,8 @@ def _bwd_kernel(
             _store_tile(dv_base, DV, 1, offs_n, offs_dv, N, DV, dv_t, False)
             dP = dT * filt
         W = tl.where(tile_ok, dP * P, 0.0)
-        dg += tl.sum(W, 0)
-        tl.store(df0_base + offs_n, tl.sum(W, 1), mask=row_ok)
+        dg += _rsum(W, 0)
+        tl.store(df0_base + offs_n, _rsum(W, 1), mask=row_ok)
         dref = _emit(W, filt, inv_eps, x_t, ref, dref, ds_base, M, 1, dx_base, D, 1,
                      offs_n, offs_m, offs_d, N, M, D, True, FROM_X, ACC, PREC)
     tl.debug_barrier()
@@ -339,9 +372,9 @@ def _bwd_kernel(
             R = tl.where(tile_ok, tl.exp(K + g_p[None, :] + (f - la)[:, None]), 0.0)
             Cdg = C * dg[None, :]
             seed = tl.load(df0_base + offs_n, mask=row_ok, other=0.0)
-            df = tl.where(t == ITERS - 1, seed, 0.0) - tl.sum(Cdg, 1)
+            df = tl.where(t == ITERS - 1, seed, 0.0) - _rsum(Cdg, 1)
             Rdf = R * df[:, None]
-            dg_prev -= tl.sum(Rdf, 0)
+            dg_prev -= _rsum(Rdf, 0)
             if MARG:
                 old = tl.load(dla_base + offs_n, mask=row_ok, other=0.0)
                 tl.store(dla_base + offs_n, tl.where(t < ITERS - 1, old, 0.0) + df, mask=row_ok)
@@ -368,11 +401,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Largest row tile; the tests lower it to 16 so that small problems span several tiles.
+BLOCK_N_CAP = 64
+
+
 def _config(N: int, M: int, D: int, DV: int, dtype: torch.dtype):
     bm, bd, bdv = _pow2(M), _pow2(D), _pow2(DV)
     widest = max(bm, bd, bdv)
     # keep a (BLOCK_N x widest) fp32 tile at about 4K elements per program
-    bn = max(16, min(64, _pow2(N), 4096 // widest))
+    bn = max(16, min(BLOCK_N_CAP, _pow2(N), 4096 // widest))
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # fp32/fp64: exact products (no silent TF32); half inputs are upcast and use TF32
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
