@@ -370,9 +370,10 @@ def test_strict_load_of_saved_state_dict(tmp_path):
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_block_under_torch_compile():
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # "auto": the models' default
+def test_block_under_torch_compile(backend):
     torch._dynamo.reset()
-    blk = S.SReTBlock(64, 2, groups1=4, groups2=2, mlp_ratio=2.0, attn_backend="torch", num_tokens=32)
+    blk = S.SReTBlock(64, 2, groups1=4, groups2=2, mlp_ratio=2.0, attn_backend=backend, num_tokens=32)
     _randomize(blk).eval()
     x = torch.randn(2, 32, 64)
     compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
@@ -410,6 +411,8 @@ def test_bad_arguments():
         S.sret_t(img_size=40)  # 5x5 tokens in stage 1 cannot form 8 groups
     with pytest.raises(TypeError, match="img_size"):
         S.sret_t(img_size=224.0)
+    with pytest.raises(TypeError, match="permutation_seed"):
+        S.sret_t(img_size=SMALL, permutation_seed=1.5)
     with pytest.raises(ValueError, match="attn_drop_rate"):
         S.sret_t(attn_drop_rate=0.1)
     with pytest.raises(ValueError, match="pretrained"):
@@ -423,3 +426,16 @@ def test_bad_arguments():
         model.seed_permutations("1")
     with pytest.raises(ValueError, match="input"):
         model(torch.randn(1, 3, 2 * SMALL, 2 * SMALL))
+
+
+def test_meta_construction_then_to_empty_and_redraw():
+    model = _randomize(S.sret_t(img_size=SMALL)).eval()
+    with torch.device("meta"):
+        fast = S.sret_t(img_size=SMALL)
+    fast = fast.to_empty(device="cpu")
+    fast.load_state_dict(model.state_dict())
+    fast.set_eval_permutation("fixed")  # the fixed permutations are not in the state_dict
+    fast.eval()
+    x = _image(1, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=0, rtol=0)

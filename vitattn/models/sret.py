@@ -31,6 +31,10 @@ Permutation of the recursive pass (only where ``groups2 > 1``)
     eval is deterministic and the state_dict stays the official one;
   - ``"random"``: a fresh permutation per call, as the official code does in eval;
   - ``"off"``: no permutation (groups are contiguous token ranges).
+
+  The fixed permutations are not in the state_dict (which stays the official one). A model
+  materialised with ``to_empty`` after meta-device construction must redraw them with
+  ``model.set_eval_permutation("fixed")``.
 """
 
 from __future__ import annotations
@@ -288,7 +292,7 @@ class SReT(nn.Module):
                  eval_permutation: str = "fixed", permutation_seed: int = 0):
         super().__init__()
         self._check_config(img_size, base_dims, depth, recursive_num, heads, groups1, groups2, num_classes,
-                           attn_drop_rate, eval_permutation)
+                           attn_drop_rate, eval_permutation, permutation_seed)
         self.attn_backend = check_attn_backend("SReT", attn_backend)
         self.permutation_seed = permutation_seed
         self.base_dims = list(base_dims)
@@ -331,7 +335,7 @@ class SReT(nn.Module):
 
     @classmethod
     def _check_config(cls, img_size, base_dims, depth, recursive_num, heads, groups1, groups2, num_classes,
-                      attn_drop_rate, eval_permutation) -> None:
+                      attn_drop_rate, eval_permutation, permutation_seed) -> None:
         if isinstance(img_size, bool) or not isinstance(img_size, int):
             raise TypeError(f"SReT: img_size must be an int, got {type(img_size).__name__}")
         if img_size <= 0 or img_size % 8:
@@ -354,6 +358,8 @@ class SReT(nn.Module):
                              f"dropout; the official configs use 0), got {attn_drop_rate}")
         if eval_permutation not in EVAL_PERMUTATIONS:
             raise ValueError(f"SReT: eval_permutation must be one of {EVAL_PERMUTATIONS}, got {eval_permutation!r}")
+        if isinstance(permutation_seed, bool) or not isinstance(permutation_seed, int):
+            raise TypeError(f"SReT: permutation_seed must be an int, got {type(permutation_seed).__name__}")
 
     # ------------------------------------------------ permutation switches
 
