@@ -245,8 +245,10 @@ def _meta(L: int, CS: int, LD: int, dtype: torch.dtype):
     # fp32 inputs: exact fp32 products (no silent TF32) so results match the reference
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     bi, bc = _pow2(L), _pow2(CS)
-    meta = dict(BLOCK_P=16, BLOCK_I=bi, BLOCK_J=16, BLOCK_C=bc, BLOCK_K=min(64, _pow2(LD)), ACC=acc, PREC=prec)
-    warps = 4 if bi * bc <= 1024 else 8
+    # the gathered generate tile is (BLOCK_K, BLOCK_I * 16): keep it near 16K elements
+    bk = min(64 if bi <= 16 else 32, _pow2(LD))
+    meta = dict(BLOCK_P=16, BLOCK_I=bi, BLOCK_J=16, BLOCK_C=bc, BLOCK_K=bk, ACC=acc, PREC=prec)
+    warps = 4 if bi * bc <= 256 else 8
     return meta, warps
 
 
@@ -325,6 +327,6 @@ def mix_bwd(dy, x, r, wg, bg, lse, S: int):
         *_strides(x), *_strides(r), *_strides(dy),
         NP, S, N1, N2, L, CS, D, LD, groups,
         HAS_BG=bg is not None, BLOCK_P=meta["BLOCK_P"], BLOCK_N=block_n, BLOCK_LD=block_ld,
-        BLOCK_C=min(32, meta["BLOCK_C"]), ACC=meta["ACC"], PREC=meta["PREC"], num_warps=8 if block_ld >= 128 else 4,
+        BLOCK_C=16, ACC=meta["ACC"], PREC=meta["PREC"], num_warps=8 if block_ld >= 128 else 4,
     )
     return dxm, dr, dwg_part.sum(0), dbg_part.sum(0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vitattn
 from vitattn import dynamixer as dm_mod
@@ -84,6 +86,16 @@ def test_dynamixer_s_segments(device, backend):
     # the DynaMixer-S segmenting (S=8, d=2) on a short sequence
     args = make((3,), 8, 48, 8, 2, torch.float32, device, seed=2)
     check_against_reference(args, 8, backend, torch.float32, what=backend)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(L=st.integers(1, 20), S=st.integers(1, 4), cs=st.integers(1, 9), d=st.integers(1, 3),
+       lead=st.lists(st.integers(1, 3), max_size=3), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes(L, S, cs, d, lead, bias, seed):
+    # sizes 1 and odd sizes everywhere: L, channels per segment, d, leading dims (0 to 3)
+    for device, backend in ALL_BACKENDS:
+        args = make(tuple(lead), L, S * cs, S, d, torch.float64, device, bias=bias, seed=seed)
+        check_against_reference(args, S, backend, torch.float64, what=f"{backend} L={L} S={S} cs={cs} d={d}")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 arithmetic is wrong under the Triton interpreter; tested on GPU only")
