@@ -289,9 +289,10 @@ def test_strict_load_of_saved_state_dict(tmp_path):
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_block_under_torch_compile():
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # "auto": the models' default
+def test_block_under_torch_compile(backend):
     torch._dynamo.reset()
-    blk = _randomize(D.DynaMixerLayer(32, 6, 4, 2, 2.0, attn_backend="torch")).eval()
+    blk = _randomize(D.DynaMixerLayer(32, 6, 4, 2, 2.0, attn_backend=backend)).eval()
     x = torch.randn(2, 6, 6, 32)
     compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
