@@ -16,6 +16,7 @@ parameters excluded, divided by the input's bytes; eager only), speedup (fwd+bwd
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Dict, List
@@ -27,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import peak_memory_mb, time_fn, write_results  # noqa: E402
 
 import vitattn  # noqa: E402,F401
-from vitattn import dynamixer as dm_mod  # noqa: E402
 from vitattn.dynamixer import dynamixer  # noqa: E402
+
+dm_mod = importlib.import_module("vitattn.dynamixer")  # the module (vitattn may export a function of that name)
 
 # name: (L, C, S, d)
 SHAPES = {

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitattn
-from vitattn import dynamixer as dm_mod
 from vitattn.dynamixer import dynamixer
 from vitattn.nn import DynaMixerBlock, DynaMixerOp
 from vitattn.reference.dynamixer import dynamixer as reference
 
 from _util import HAS_CUDA, TRITON_DEVICE, assert_close, backends_for, noncontiguous
+
+# the module, not the function (vitattn may export the function under the same name)
+dm_mod = importlib.import_module("vitattn.dynamixer")
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 ALL_BACKENDS = [(dev, be) for dev in DEVICES for be in backends_for(dev)]
