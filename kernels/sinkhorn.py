@@ -110,6 +110,12 @@ def _row_pot(K, g, la, col_ok):
     return la - (mx + tl.log(_rsum(tl.exp(z - mx[:, None]), 1)))
 
 
+@_device
+def _masked_exp(arg, ok):
+    """exp on the valid entries, 0 on padding (whose potentials are meaningless and may overflow)."""
+    return tl.exp(tl.where(ok, arg, NEG))
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -205,7 +211,7 @@ def _fwd_kernel(
                               inv_eps, FROM_X, HAS_F, ACC, PREC)
             la = tl.load(la_base + offs_n * s_ln, mask=row_ok, other=0.0).to(ACC)
             f = _row_pot(K, g_prev, la, col_ok)
-            P = tl.exp(K + f[:, None] + g[None, :])
+            P = _masked_exp(K + f[:, None] + g[None, :], row_ok[:, None] & col_ok[None, :])
             if MODE == 0:
                 _store_tile(o_base, s_or, s_oc, offs_n, offs_m, N, M, P, False)
             else:
@@ -303,7 +309,7 @@ def _bwd_kernel(
                               inv_eps, FROM_X, HAS_F, ACC, PREC)
             la = tl.load(la_base + offs_n * s_ln, mask=row_ok, other=0.0).to(ACC)
             f = _row_pot(K, g_Tm1, la, col_ok)
-            T = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(K + f[:, None] + g_T[None, :]) * filt, 0.0)
+            T = _masked_exp(K + f[:, None] + g_T[None, :], row_ok[:, None] & col_ok[None, :]) * filt
             do_t = _row_tile(do_base, s_or, s_oc, offs_n, offs_dv, N, DV, ACC)
             dzeta += tl.dot(tl.trans(T), do_t, input_precision=PREC, out_dtype=ACC)
         dzeta = dzeta * c_att
@@ -325,7 +331,7 @@ def _bwd_kernel(
                           inv_eps, FROM_X, HAS_F, ACC, PREC)
         la = tl.load(la_base + offs_n * s_ln, mask=row_ok, other=0.0).to(ACC)
         f = _row_pot(K, g_Tm1, la, col_ok)
-        P = tl.where(tile_ok, tl.exp(K + f[:, None] + g_T[None, :]), 0.0)
+        P = _masked_exp(K + f[:, None] + g_T[None, :], tile_ok)
         if MODE == 0:
             dP = _row_tile(DOUT + pid * s_ob, s_or, s_oc, offs_n, offs_m, N, M, ACC)
         else:
@@ -368,8 +374,8 @@ def _bwd_kernel(
             la = tl.load(la_base + offs_n * s_ln, mask=row_ok, other=0.0).to(ACC)
             f = _row_pot(K, g_p, la, col_ok)
             # column-softmax of the column update t and row-softmax of the row update t
-            C = tl.where(tile_ok, tl.exp(K + f[:, None] + (g_t - lb)[None, :]), 0.0)
-            R = tl.where(tile_ok, tl.exp(K + g_p[None, :] + (f - la)[:, None]), 0.0)
+            C = _masked_exp(K + f[:, None] + (g_t - lb)[None, :], tile_ok)
+            R = _masked_exp(K + g_p[None, :] + (f - la)[:, None], tile_ok)
             Cdg = C * dg[None, :]
             seed = tl.load(df0_base + offs_n, mask=row_ok, other=0.0)
             df = tl.where(t == ITERS - 1, seed, 0.0) - _rsum(Cdg, 1)

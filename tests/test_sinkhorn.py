@@ -70,11 +70,11 @@ def _skip_half(dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sinkhorn_matches_reference(backend, dtype, poisoned):
     torch.manual_seed(1)
-    batch, n, m = (2, 3), 37, 19
+    batch, n, m = (2, 2), 37, 19
     S = noncontiguous((torch.randn(*batch, n, m, dtype=torch.float64) * 2).to(dtype)).requires_grad_()
     a = (torch.rand(n, dtype=torch.float64) + 0.5).requires_grad_()          # broadcast over the batch
     b = (torch.rand(2, 1, m, dtype=torch.float64) + 0.5).requires_grad_()    # broadcast over dim 1
-    eps, iters = 0.3, 5
+    eps, iters = 0.3, 4
     P = SK.sinkhorn(S, eps=eps, iters=iters, a=a, b=b, backend=backend)
     assert P.dtype == dtype and P.shape == S.shape
     S64 = S.detach().double().requires_grad_()
@@ -120,13 +120,13 @@ def exp_domain_sinkhorn(S, eps, iters, a, b):
 def test_sinkhorn_matches_exp_domain_scaling(backend):
     torch.manual_seed(3)
     n, m = 29, 18
-    S = torch.randn(3, n, m, dtype=torch.float64)
-    a = torch.rand(3, n, dtype=torch.float64) + 0.2
-    b = torch.rand(3, m, dtype=torch.float64) + 0.2
+    S = torch.randn(2, n, m, dtype=torch.float64)
+    a = torch.rand(2, n, dtype=torch.float64) + 0.2
+    b = torch.rand(2, m, dtype=torch.float64) + 0.2
     b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))  # balanced masses
     for eps in (0.5, 2.0):
-        P = SK.sinkhorn(S, eps=eps, iters=30, a=a, b=b, backend=backend)
-        close(P, exp_domain_sinkhorn(S, eps, 30, a, b), torch.float64, f"eps={eps}")
+        P = SK.sinkhorn(S, eps=eps, iters=15, a=a, b=b, backend=backend)
+        close(P, exp_domain_sinkhorn(S, eps, 15, a, b), torch.float64, f"eps={eps}")
     # converged: rows hold a as well
     P = SK.sinkhorn(S, eps=2.0, iters=200, a=a, b=b, backend="torch")
     torch.testing.assert_close(P.sum(-1), a, atol=1e-9, rtol=1e-9)
