@@ -65,11 +65,11 @@ def _rows(pid_a, pid_b, Z, n, BLOCK: tl.constexpr, PACK: tl.constexpr, PACKED: t
     """Problem index and in-group position of the BLOCK rows a program owns."""
     r = tl.arange(0, BLOCK)
     if PACKED:
-        z = pid_a.to(tl.int64) * PACK + r // n
+        z = pid_a.to(tl.int64) * PACK + (r // n).to(tl.int64)
         pos = r % n
         ok = (r < PACK * n) & (z < Z)
     else:
-        z = pid_b.to(tl.int64) + tl.zeros([BLOCK], tl.int64)
+        z = tl.zeros([BLOCK], tl.int64) + pid_b
         pos = pid_a * BLOCK + r
         ok = pos < n
     return z, pos, ok
@@ -88,8 +88,14 @@ def _group_fwd_kernel(
     PACK: tl.constexpr, PACKED: tl.constexpr, HAS_PERM: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    # packed grid: (packs,); tiled grid: (problems, query blocks) -- problems on axis 0, whose
+    # limit is 2**31 - 1 rather than 65535
+    if PACKED:
+        pid_a = tl.program_id(0)
+        pid_b = 0
+    else:
+        pid_a = tl.program_id(1)
+        pid_b = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
@@ -187,8 +193,8 @@ def _group_bwd_dkdv_kernel(
     HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     # tiled layout: one program owns a block of keys of one group and walks its query blocks
-    pid_n = tl.program_id(0)
-    pid_z = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     zc, pc, okc = _rows(pid_n, pid_z, Z, n, BLOCK_N, 1, False)
@@ -231,8 +237,8 @@ def _group_bwd_dq_kernel(
     HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     # tiled layout: one program owns a block of queries of one group and walks its key blocks
-    pid_m = tl.program_id(0)
-    pid_z = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    pid_z = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     zr, pr, okr = _rows(pid_m, pid_z, Z, n, BLOCK_M, 1, False)
@@ -258,6 +264,27 @@ def _group_bwd_dq_kernel(
     _scatter(DQ, dq * scale, br, hr, tr, sgqb, sgqh, sgqn, sgqd, offs_d, okr, D)
 
 
+@triton.jit
+def _delta_kernel(
+    DO, O, DELTA,
+    sdob, sdoh, sdon, sdod,
+    sob, soh, son, sod,
+    HEADS, N, DV, ROWS,
+    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):
+    # delta = rowsum(dO * O) per token, accumulated in ACC without fp32 copies of dO and O
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < ROWS
+    t = rows % N
+    bh = rows // N
+    h = bh % HEADS
+    b = bh // HEADS
+    offs = tl.arange(0, BLOCK_DV)
+    do = _gather(DO, b, h, t, sdob, sdoh, sdon, sdod, offs, ok, DV).to(ACC)
+    o = _gather(O, b, h, t, sob, soh, son, sod, offs, ok, DV).to(ACC)
+    tl.store(DELTA + rows, tl.sum(do * o, 1), mask=ok)
+
+
 # ---------------------------------------------------------------- launchers
 
 
@@ -269,8 +296,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def config(n: int, D: int, DV: int, dtype: torch.dtype, block: Optional[int] = None) -> dict:
-    """Tile sizes and layout for groups of n tokens.
+def config(n: int, D: int, DV: int, dtype: torch.dtype, block: Optional[int] = None,
+           backward: bool = False) -> dict:
+    """Tile sizes and layout for groups of n tokens (forward, or backward with ``backward``).
 
     ``block`` overrides the largest tile (tests use it to reach the tiled layout cheaply).
     """
@@ -279,13 +307,17 @@ def config(n: int, D: int, DV: int, dtype: torch.dtype, block: Optional[int] = N
     cap = 128 if widest <= 64 else (64 if widest <= 128 else 32)
     if dtype in (torch.float32, torch.float64):
         cap //= 2  # wider elements: halve the tile to stay within registers / shared memory
+    if backward:
+        # the packed backward keeps four tile x tile matrices (S, P, dP, dS) live at once
+        cap = min(cap, 64)
     if block is not None:
         cap = int(block)
     if _pow2(n) <= cap:
         # packed: at least 64 rows per program, so tiny groups share a program
         tile = max(_pow2(n), min(cap, 64))
         meta = dict(BLOCK_M=tile, BLOCK_N=tile, PACK=tile // n, PACKED=True)
-        warps = 8 if tile * max(tile, widest) > 64 * 64 else 4
+        big = tile * max(tile, widest) > 64 * 64 or (backward and tile >= 64)
+        warps = 8 if big else 4
     else:
         tile = min(cap, 64)
         meta = dict(BLOCK_M=tile, BLOCK_N=tile, PACK=1, PACKED=False)
@@ -318,7 +350,7 @@ def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scal
     if meta["PACKED"]:
         grid = (triton.cdiv(Z, meta["PACK"]), 1)
     else:
-        grid = (triton.cdiv(n, meta["BLOCK_M"]), Z)
+        grid = (Z, triton.cdiv(n, meta["BLOCK_M"]))
     has_perm = perm is not None
     _group_fwd_kernel[grid](
         q, k, v, out, lse, perm if has_perm else q,
@@ -338,7 +370,7 @@ def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], g
     dq = torch.empty(B, HEADS, N, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, HEADS, N, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HEADS, N, DV, device=q.device, dtype=v.dtype)
-    meta = config(n, D, DV, q.dtype, block)
+    meta = config(n, D, DV, q.dtype, block, backward=True)
     has_perm = perm is not None
     perm_arg = perm if has_perm else q
     common = (*_st(q), *_st(k), *_st(v), *_st(dout), *_st(lse))
@@ -350,20 +382,24 @@ def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], g
             HAS_PERM=has_perm, ACC=meta["ACC"], PREC=meta["PREC"], num_warps=meta["num_warps"],
         )
         return dq, dk, dv
-    acc = _acc_dtype(q.dtype)
     # delta_i = rowsum(dO_i * O_i) is per token: formed in the original order, gathered in-kernel
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)
-    if delta.stride() != lse.stride():
-        delta = delta.contiguous()
-        lse = lse.contiguous()
-        common = (*_st(q), *_st(k), *_st(v), *_st(dout), *_st(lse))
+    # with lse's strides
+    lse = lse.contiguous()
+    delta = torch.empty(B, HEADS, N, device=q.device, dtype=lse.dtype)
+    rows = B * HEADS * N
+    block_r = 32
+    _delta_kernel[(triton.cdiv(rows, block_r),)](
+        dout, out, delta, *_st(dout), *_st(out), HEADS, N, DV, rows,
+        BLOCK_R=block_r, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4,
+    )
+    common = (*_st(q), *_st(k), *_st(v), *_st(dout), *_st(lse))
     tiles = dict(BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_D=meta["BLOCK_D"],
                  BLOCK_DV=meta["BLOCK_DV"], HAS_PERM=has_perm, ACC=meta["ACC"], PREC=meta["PREC"],
                  num_warps=meta["num_warps"])
-    _group_bwd_dkdv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), Z)](
+    _group_bwd_dkdv_kernel[(Z, triton.cdiv(n, meta["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, perm_arg, *common, *_st(dk), *_st(dv), *sizes, **tiles,
     )
-    _group_bwd_dq_kernel[(triton.cdiv(n, meta["BLOCK_M"]), Z)](
+    _group_bwd_dq_kernel[(Z, triton.cdiv(n, meta["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, perm_arg, *common, *_st(dq), *sizes, **tiles,
     )
     return dq, dk, dv

@@ -244,6 +244,9 @@ def test_triton_config_layouts():
         assert (m["PACKED"], m["PACK"]) == (packed, pack), (n, m)
         if packed:
             assert m["PACK"] * n <= m["BLOCK_M"]
+    # the backward packs at most 64 tokens per tile: 98 goes to the tiled kernels there
+    assert tk.config(98, 32, 32, torch.float16, backward=True)["PACKED"] is False
+    assert tk.config(49, 32, 32, torch.float16, backward=True)["PACKED"] is True
     assert tk.config(42, 42, 42, torch.float16)["BLOCK_D"] == 64
     assert tk.config(98, 32, 32, torch.float32)["PACKED"] is False  # fp32 tiles are halved
     assert tk.config(10, 16, 16, torch.float32)["PREC"] == "ieee"
