@@ -336,6 +336,10 @@ def test_eval_determinism_and_switches():
     m2.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(m2(x), o1, atol=0, rtol=0)
+    # back from "off" to "fixed": the same permutations, redrawn at once (not lazily in forward)
+    model.set_eval_permutation("fixed")
+    again = [m.eval_perm for m in model.modules() if isinstance(m, S.GroupAttention) and m.eval_perm is not None]
+    assert len(again) == 2 and all(torch.equal(a, b) for a, b in zip(again, perms))
     # the fixed permutations are not part of the (official) state_dict
     assert not any("perm" in k for k in model.state_dict())
 

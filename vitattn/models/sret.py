@@ -138,6 +138,9 @@ class GroupAttention(nn.Module):
         self.permutation_seed = seed
         if num_tokens is None and self.eval_perm is not None:
             num_tokens = self.eval_perm.numel()
+        if num_tokens is None:
+            num_tokens = getattr(self, "num_tokens", None)
+        self.num_tokens = num_tokens  # remembered so that "off" -> "fixed" redraws eagerly
         self.eval_perm = None
         if mode == "fixed" and num_tokens is not None and self.groups2 > 1:
             self.eval_perm = self._draw_fixed(num_tokens)
