@@ -316,6 +316,8 @@ def test_bad_arguments():
         D.dynamixer_s(img_size=SMALL, attn_backend="fastest")
     with pytest.raises(TypeError, match="attn_backend"):
         D.DynaMixer(**TOY, attn_backend=None)
+    with pytest.raises(ValueError, match="attn_backend"):
+        D.DynaMixerLayer(32, 6, 4, 2, 2.0, attn_backend="cuda_graphs")
     with pytest.raises(ValueError, match="resolutions"):
         D.DynaMixer(**TOY, resolutions=(32, 16, 16, 16))
     with pytest.raises(ValueError, match="embed_dims"):

@@ -26,22 +26,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..nn.dynamixer import DynaMixerBlock, DynaMixerOp, Mlp
 from ._common import DropPath, build, check_attn_backend, maybe_register_timm
 from ._registry import register_model
 
 __all__ = ["DynaMixer", "dynamixer_s", "dynamixer_m", "dynamixer_l"]
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PatchEmbed(nn.Module):
@@ -74,9 +63,6 @@ class Downsample(nn.Module):
 
 def _mixer(dim: int, resolution: int, num_head: int, reduced_dim: int, qkv_bias: bool, backend: str) -> nn.Module:
     """The token-mixing module (vitattn.nn.dynamixer.DynaMixerBlock) with the given reduced_dim."""
-    # imported here: the mixing modules live with the op's nn wrappers
-    from ..nn.dynamixer import DynaMixerBlock, DynaMixerOp
-
     kw = dict(resolution=resolution, num_head=num_head, qkv_bias=qkv_bias, backend=backend)
     if "reduced_dim" in inspect.signature(DynaMixerBlock).parameters:
         return DynaMixerBlock(dim, reduced_dim=reduced_dim, **kw)
@@ -96,11 +82,12 @@ class DynaMixerLayer(nn.Module):
                  qkv_bias: bool = False, drop_path: float = 0.0, skip_lam: float = 1.0,
                  attn_backend: str = "auto"):
         super().__init__()
+        check_attn_backend("DynaMixerLayer", attn_backend)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = _mixer(dim, resolution, num_head, reduced_dim, qkv_bias, attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> GELU -> fc2, as the official utils.Mlp
         self.skip_lam = skip_lam
 
     def forward(self, x: Tensor) -> Tensor:
