@@ -26,8 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masa_cuda_bwd", &vitattn::masa_cuda_bwd, "MaSA grid-attention pass, backward (CUDA)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("log_gamma"),
         py::arg("scale"), py::arg("axis"), nogil);
-  m.def("masa_cuda_can_run", &vitattn::masa_cuda_can_run,
-        "None if the CUDA kernels serve this call, else the reason", py::arg("q"), py::arg("dv"), py::arg("axis"));
+  m.def("masa_cuda_kernel_family", &vitattn::masa_cuda_kernel_family,
+        "\"onchip\" or \"flash\": the CUDA kernels a pass over N tokens uses on the current device", py::arg("N"),
+        py::arg("d"), py::arg("dv"), py::arg("backward"));
 #else
   m.attr("with_cuda") = false;
 #endif
