@@ -88,11 +88,18 @@ class Dispatcher:
         for b in self._ordered():
             why = self.reason(b.name, ctx, auto=True)
             if why is None:
-                if reasons:
+                if reasons and not _compiling() and log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: auto chose %r after skipping %s", self.op, b.name, "; ".join(reasons))
                 return b.name
             reasons.append(f"{b.name}: {why}")
         raise BackendUnavailableError(f"{self.op}: no backend can run this call: " + "; ".join(reasons))
+
+
+def _compiling() -> bool:
+    # logging calls break torch.compile graphs; the choice is traced, not logged, there
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 _MISSING: Dict[str, str] = {}
