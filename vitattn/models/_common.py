@@ -110,6 +110,11 @@ def build(name: str, cls: Callable[..., nn.Module], pretrained, cfg: Dict[str, A
         raise TypeError(
             f"{name}: pretrained must be False, None or a local checkpoint path, got {type(pretrained).__name__}"
         )
+    if pretrained not in (False, None) and not os.path.isfile(os.fspath(pretrained)):
+        # fail before paying for the construction
+        raise ValueError(
+            f"{name}: pretrained path {os.fspath(pretrained)!r} is not an existing file (no network download is done)"
+        )
     model = cls(**{**cfg, **kwargs})
     if pretrained not in (False, None):
         load_pretrained(model, pretrained)

@@ -129,7 +129,11 @@ class VisionRetention(nn.Module):
         n = self.num_heads
         v = self.v_proj(x)
         lepe = self.lepe(v)
-        q = rotate_pairs(self.q_proj(x).view(B, H, W, n, self.key_dim), sin, cos)
+        q = self.q_proj(x)
+        # under autocast the projections are low precision while sin/cos stay fp32: rotate in the
+        # projections' dtype so that q, k and v reach the op in one dtype
+        sin, cos = sin.to(q.dtype), cos.to(q.dtype)
+        q = rotate_pairs(q.view(B, H, W, n, self.key_dim), sin, cos)
         k = rotate_pairs((self.k_proj(x) * self.scaling).view(B, H, W, n, self.key_dim), sin, cos)
         # (B, H, W, heads, d) -> (B, heads, H, W, d) as strided views; the op takes any strides
         out = masa(
@@ -304,7 +308,8 @@ class VisRetNet(nn.Module):
         self.attn_backend = attn_backend
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]  # stochastic depth decay rule
+        # stochastic depth decay rule (on the CPU, so that building under torch.device("meta") works)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i in range(n):
             start = sum(depths[:i])
@@ -333,7 +338,10 @@ class VisRetNet(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         # as officially: applied after the layers' own init, so every Linear ends truncated-normal
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            # officially trunc_normal_(std=.02) with the default absolute bounds (-2, 2): 100 sigma,
+            # so the truncation never acts; normal_ draws the same distribution far faster on CPU
+            with torch.no_grad():
+                m.weight.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
         elif isinstance(m, nn.LayerNorm):

@@ -1,0 +1,414 @@
+"""RMT models: official names/shapes/counts, the attention layer against the official math,
+every backend against the dense reference, autograd, checkpoints, determinism, compile, bad input."""
+
+import importlib
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitattn
+import vitattn.models._common
+import vitattn.models.rmt as rmt
+from vitattn import reference
+
+from _util import TRITON_DEVICE
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+try:  # registers the compiled "cpu"/"cuda" MaSA backends where the extension is built
+    import vitattn._extension  # noqa: F401
+except ImportError:
+    pass
+_MASA = importlib.import_module("vitattn.masa")  # the module (vitattn.masa is the function)
+
+
+def _runnable(name):
+    ctx = dict(device=torch.device(DEV), dtype=torch.float64, d=16, dv=16, H=4, W=4, B=1, heads=2,
+               decomposed=False)
+    return _MASA.dispatcher.reason(name, ctx, auto=False) is None
+
+
+# every MaSA backend that can run fp64 here by name: "torch", the compiled kernels, Triton
+BACKENDS = [b for b in ("torch", "cpu", "cuda", "triton") if _runnable(b)]
+DATA = os.path.join(os.path.dirname(__file__), "data", "rmt_official_state_dict.json")
+
+# exact counts of the official RMT_T3 / RMT_S / RMT_M2 / RMT_L6
+COUNTS = {"rmt_t": 14_334_216, "rmt_s": 26_967_240, "rmt_b": 54_154_896, "rmt_l": 95_464_864}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the 2 CPU cores are shared by several test runs, and oversubscribed
+    OpenMP threads make these small-tensor tests several times slower (measured 5x)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_cfg():
+    return dict(embed_dims=[16, 32, 32, 32], depths=[1, 1, 2, 1], num_heads=[2, 2, 2, 2],
+               init_values=[2, 2, 2, 2], heads_ranges=[4, 4, 6, 6], mlp_ratios=[2, 2, 2, 2],
+               chunkwise_recurrents=[True, False, True, False], layerscales=[False, True, False, True],
+               projection=24, num_classes=7, drop_path_rate=0.0)
+
+
+def tiny(**kw):
+    """A small VisRetNet exercising every feature: both attention forms, layer scale, downsampling."""
+    return rmt.VisRetNet(**{**tiny_cfg(), **kw})
+
+
+def randomize_norms(model, seed=0):
+    """Non-trivial BatchNorm statistics and layer scales, so eval-mode checks see every branch."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        for name, p in model.named_parameters():
+            if "gamma_" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+    return model
+
+
+def images(B, H, W, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, H, W, generator=g, dtype=torch.float64).to(device=DEV, dtype=dtype)
+
+
+# ---------------------------------------------------------------- official layout
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_param_count_and_state_dict_layout(name):
+    with open(DATA) as f:
+        official = json.load(f)[name]
+    # the big ones on the meta device: layout only, no memory and no init cost
+    with torch.device("cpu" if name == "rmt_t" else "meta"):
+        model = getattr(rmt, name)()
+    assert sum(p.numel() for p in model.parameters()) == COUNTS[name]
+    got = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert got == official  # same names, shapes and order as the official state_dict
+    cfg = rmt._CFGS[name]
+    for i, layer in enumerate(model.layers):
+        heads, dim = cfg["num_heads"][i], cfg["embed_dims"][i]
+        assert (layer.Relpos.num_heads, layer.Relpos.initial_value, layer.Relpos.heads_range) == (
+            heads, cfg["init_values"][i], cfg["heads_ranges"][i])
+        assert layer.chunkwise_recurrent == cfg["chunkwise_recurrents"][i]
+        assert all(b.retention.decomposed == cfg["chunkwise_recurrents"][i] for b in layer.blocks)
+        assert all(b.layerscale == cfg["layerscales"][i] for b in layer.blocks)
+        # the buffers follow the official formulas (written out here independently of the module)
+        relpos = layer.Relpos if name == "rmt_t" else rmt.RetNetRelPos2d(
+            dim, heads, cfg["init_values"][i], cfg["heads_ranges"][i])
+        h = torch.arange(heads, dtype=torch.float64)
+        want = torch.log(1 - 2 ** (-cfg["init_values"][i] - cfg["heads_ranges"][i] * h / heads))
+        torch.testing.assert_close(relpos.decay.double(), want, atol=1e-6, rtol=1e-6)
+        kd = dim // heads
+        freq = 1.0 / 10000 ** (torch.arange(kd // 2, dtype=torch.float64) / (kd // 2 - 1))
+        torch.testing.assert_close(relpos.angle.double(), freq.repeat_interleave(2), atol=1e-7, rtol=1e-6)
+    if "layer_init_values" in cfg:
+        blk = model.layers[2].blocks[0]
+        assert blk.gamma_1.shape == (1, 1, 1, cfg["embed_dims"][2])
+
+
+# ---------------------------------------------------------------- the attention layer vs the official math
+
+
+def official_retention(layer, x, init, rng, decomposed):
+    """The official VisionRetentionChunk/All computation written out densely (fp64, (heads, N, N) masks)."""
+    B, H, W, C = x.shape
+    n, d = layer.num_heads, layer.key_dim
+    # the official buffers are computed in float32 (then cast with the module)
+    angle = (1.0 / 10000 ** torch.linspace(0, 1, d // 2)).repeat_interleave(2).double()
+    decay = torch.log(1 - 2 ** (-init - rng * torch.arange(n, dtype=torch.float) / n)).double()
+    idx = torch.arange(H * W, dtype=torch.float64)
+    sin = torch.sin(idx[:, None] * angle).reshape(H, W, d)
+    cos = torch.cos(idx[:, None] * angle).reshape(H, W, d)
+
+    def shift(t):  # rotate every two channels: (x0, x1) -> (-x1, x0)
+        rot = torch.stack([-t[..., 1::2], t[..., 0::2]], dim=-1).flatten(-2)
+        return t * cos + rot * sin
+
+    q = layer.q_proj(x)
+    k = layer.k_proj(x) * d ** -0.5
+    v = layer.v_proj(x)
+    lepe = layer.lepe.conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    q = shift(q.view(B, H, W, n, d).permute(0, 3, 1, 2, 4))
+    k = shift(k.view(B, H, W, n, d).permute(0, 3, 1, 2, 4))
+    v = v.view(B, H, W, n, -1).permute(0, 3, 1, 2, 4)  # (B, n, H, W, dv)
+    if decomposed:
+        dw = (torch.arange(W)[:, None] - torch.arange(W)[None]).abs().double()
+        dh = (torch.arange(H)[:, None] - torch.arange(H)[None]).abs().double()
+        a = torch.softmax(q @ k.transpose(-1, -2) + decay[:, None, None, None] * dw, -1)
+        v = a @ v  # along W inside rows
+        qh, kh, vh = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)
+        a = torch.softmax(qh @ kh.transpose(-1, -2) + decay[:, None, None, None] * dh, -1)
+        o = (a @ vh).transpose(2, 3)
+    else:
+        rr = torch.arange(H).repeat_interleave(W)
+        cc = torch.arange(W).repeat(H)
+        dist = ((rr[:, None] - rr[None]).abs() + (cc[:, None] - cc[None]).abs()).double()
+        a = torch.softmax(q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2) + decay[:, None, None] * dist, -1)
+        o = (a @ v.flatten(2, 3)).reshape(B, n, H, W, -1)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    return layer.out_proj(o + lepe)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_retention_layer_matches_official_math(backend, decomposed):
+    torch.manual_seed(1)
+    # key dim 16, odd grid; the Triton interpreter is slow, so the fused path gets the smaller case
+    dim, heads, H, W, B = (32, 2, 3, 5, 1) if backend == "triton" and DEV == "cpu" else (48, 3, 5, 7, 2)
+    layer = rmt.VisionRetention(dim, heads, decomposed=decomposed, attn_backend=backend).to(DEV, torch.float64)
+    with torch.no_grad():  # biases non-zero so that every term matters
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    relpos = rmt.RetNetRelPos2d(dim, heads, 2, 4).to(DEV, torch.float64)
+    # a non-contiguous input (channels strided), as the layer norm output can be
+    x = torch.randn(B, H, W, 2 * dim, dtype=torch.float64, device=DEV)[..., ::2].requires_grad_(True)
+    out = layer(x, relpos(H, W))
+    xr = x.detach().clone().requires_grad_(True)
+    want = official_retention(layer, xr, 2, 4, decomposed)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-9)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x] + list(layer.parameters()), dout)
+    grads_ref = torch.autograd.grad(want, [xr] + list(layer.parameters()), dout)
+    for (name, _), g, gr in zip([("x", None)] + list(layer.named_parameters()), grads, grads_ref):
+        torch.testing.assert_close(g, gr, atol=1e-9, rtol=1e-8, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_retention_layer_gradcheck(decomposed):
+    torch.manual_seed(2)
+    layer = rmt.VisionRetention(8, 2, decomposed=decomposed, attn_backend="torch").double()
+    relpos = rmt.RetNetRelPos2d(8, 2, 2, 4).double()
+    x = torch.randn(1, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    # fast mode (random projections of the Jacobian) keeps this to a few dozen evaluations
+    assert torch.autograd.gradcheck(lambda t: layer(t, relpos(3, 4)), (x,), fast_mode=True)
+
+
+def test_retention_fp32_close_to_fp64():
+    torch.manual_seed(3)
+    layer = rmt.VisionRetention(32, 2, decomposed=True, attn_backend="torch")
+    relpos = rmt.RetNetRelPos2d(32, 2, 2, 4)
+    x = torch.randn(2, 6, 9, 32)
+    out = layer(x, relpos(6, 9))
+    want = official_retention(layer.double(), x.double(), 2, 4, True)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-4)
+
+
+# ---------------------------------------------------------------- whole model: backends vs the reference
+
+
+def _reference_masa(q, k, v, gamma, *, decomposed, scale, backend):
+    return reference.masa(q, k, v, gamma, decomposed=decomposed, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_backend_matches_reference(backend, monkeypatch):
+    torch.manual_seed(4)
+    # the interpreter is slow: one image of 32x48 (8x12 tokens in stage 1) for the fused path
+    small = backend == "triton" and DEV == "cpu"
+    model = randomize_norms(tiny(attn_backend=backend, depths=[1, 1, 1, 1] if small else [1, 1, 2, 1]))
+    model = model.to(DEV, torch.float64).eval()
+    x = images(1, 32, 48, torch.float64) if small else images(2, 64, 96, torch.float64)  # non-square grids
+    out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    monkeypatch.setattr(rmt, "masa", _reference_masa)
+    want = model(x)
+    grads_ref = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-9)
+    for (name, _), g, gr in zip(model.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, gr, atol=1e-9, rtol=1e-8, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_rmt_t_forward_backward_224():
+    torch.manual_seed(5)
+    model = rmt.rmt_t(attn_backend="torch").to(DEV).train()
+    x = images(2, 224, 224)
+    out = model(x)
+    assert out.shape == (2, 1000) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    out.float().logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name  # every parameter takes part
+
+
+def test_eval_determinism_and_batch_independence():
+    torch.manual_seed(6)
+    model = randomize_norms(tiny()).to(DEV).eval()
+    x = images(3, 32, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        a, b = model(x), model(x)
+        single = model(x[1:2])
+    assert torch.equal(a, b)
+    torch.testing.assert_close(single, a[1:2], atol=1e-5, rtol=1e-5)
+    # eval mode leaves every buffer (BatchNorm statistics included) alone
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_drop_path_active_in_training_only():
+    torch.manual_seed(7)
+    model = tiny(drop_path_rate=0.5).to(DEV)
+    x = images(4, 32, 32)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.allclose(a, b)  # stochastic depth draws differ
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_channels_last_and_strided_inputs():
+    torch.manual_seed(8)
+    model = randomize_norms(tiny()).to(DEV).eval()
+    x = images(2, 32, 64)
+    with torch.no_grad():
+        want = model(x)
+        got_cl = model(x.to(memory_format=torch.channels_last))
+        big = images(2, 64, 64, seed=1)
+        big[:, :, ::2] = x
+        got_strided = model(big[:, :, ::2])
+        model_cl = model.to(memory_format=torch.channels_last)
+        got_model_cl = model_cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got_cl, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_strided, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_model_cl, want, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_bf16_cpu():
+    torch.manual_seed(9)
+    model = randomize_norms(tiny(attn_backend="torch")).eval()
+    x = images(2, 32, 64).cpu()
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < 5e-2, err  # bf16 has 8 mantissa bits; a wiring error gives O(1)
+
+
+def test_gradient_checkpointing_same_grads():
+    torch.manual_seed(10)
+    model = tiny().to(DEV).double()
+    x = images(1, 32, 64, torch.float64)
+    model(x).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for layer in model.layers:
+        layer.use_checkpoint = True
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-10, rtol=1e-9, msg=lambda m: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_strict_load_of_saved_state_dict(tmp_path):
+    torch.manual_seed(11)
+    src = randomize_norms(rmt.rmt_t(num_classes=10)).eval()
+    sd = src.state_dict()
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "rmt_t.pth")  # official training-script layout
+    torch.manual_seed(12)
+    dst = rmt.rmt_t(num_classes=10, pretrained=str(tmp_path / "rmt_t.pth")).eval()
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = images(1, 64, 64).cpu()
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+
+
+def test_checkpoint_variants_and_strictness(tmp_path):
+    torch.manual_seed(13)
+    src = randomize_norms(tiny()).eval()
+    sd = src.state_dict()
+    x = images(1, 64, 64).cpu()
+    with torch.no_grad():
+        want = src(x)
+    variants = {
+        "plain.pth": sd,
+        "ddp.pth": {"state_dict": {"module." + k: v for k, v in sd.items()}},  # DistributedDataParallel
+    }
+    for fname, obj in variants.items():
+        torch.save(obj, tmp_path / fname)
+        dst = tiny()
+        vitattn.models._common.load_pretrained(dst, tmp_path / fname)
+        with torch.no_grad():
+            assert torch.equal(dst.eval()(x), want), fname
+    # strict: a missing key or a wrong shape is an error
+    bad = dict(sd)
+    bad.pop("layers.0.Relpos.decay")
+    torch.save(bad, tmp_path / "missing.pth")
+    with pytest.raises(RuntimeError, match="Relpos.decay"):
+        vitattn.models._common.load_pretrained(tiny(), tmp_path / "missing.pth")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        vitattn.models._common.load_pretrained(tiny(num_classes=5), tmp_path / "plain.pth")
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_block_under_torch_compile():
+    torch.manual_seed(13)
+    blk = rmt.RetBlock("chunk", 32, 2, 64, layerscale=True, layer_init_values=0.5, attn_backend="torch").to(DEV)
+    relpos = rmt.RetNetRelPos2d(32, 2, 2, 4).to(DEV)
+    x = torch.randn(2, 6, 10, 32, device=DEV, requires_grad=True)
+    want = blk(x, relpos(6, 10))
+    gx_want, = torch.autograd.grad(want.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    got = compiled(x, relpos(6, 10))
+    gx, = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_want, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_model_export():
+    torch.manual_seed(14)
+    model = tiny(attn_backend="torch").eval()
+    x = images(1, 64, 64).cpu()
+    ep = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="attn_backend"):
+        rmt.rmt_t(attn_backend="fast")
+    with pytest.raises(TypeError, match="attn_backend"):
+        rmt.VisionRetention(32, 2, attn_backend=None)
+    with pytest.raises(ValueError, match="pretrained"):
+        rmt.rmt_t(pretrained=True)
+    with pytest.raises(TypeError, match="pretrained"):
+        rmt.rmt_t(pretrained=3)
+    with pytest.raises(ValueError, match="path"):
+        rmt.rmt_t(pretrained="/nonexistent/rmt_t.pth")
+    with pytest.raises(ValueError, match="num_heads"):
+        tiny(num_heads=[2, 2, 2])
+    with pytest.raises(ValueError, match="embed_dims"):
+        tiny(embed_dims=[16, 32, 30, 32], num_heads=[2, 2, 4, 2])
+    with pytest.raises(ValueError, match="key dim"):
+        tiny(embed_dims=[18, 32, 32, 32], num_heads=[2, 2, 2, 2])
+    with pytest.raises(ValueError, match="num_classes"):
+        tiny(num_classes=-1)
+    model = tiny()
+    with pytest.raises(ValueError, match="x must have shape"):
+        model(torch.randn(2, 4, 64, 64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model([1.0])
