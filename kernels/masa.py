@@ -57,8 +57,8 @@ def _masa_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_z = tl.program_id(1).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_z = tl.program_id(0).to(tl.int64)
     r = pid_z % R
     bh = pid_z // R
     h = bh % HEADS
@@ -113,8 +113,8 @@ def _masa_bwd_dkdv_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     # one program owns a block of keys and walks every query block
-    pid_n = tl.program_id(0)
-    pid_z = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(0).to(tl.int64)
     r = pid_z % R
     bh = pid_z // R
     h = bh % HEADS
@@ -173,8 +173,8 @@ def _masa_bwd_dq_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     # one program owns a block of queries and walks every key block
-    pid_m = tl.program_id(0)
-    pid_z = tl.program_id(1).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_z = tl.program_id(0).to(tl.int64)
     r = pid_z % R
     bh = pid_z // R
     h = bh % HEADS
@@ -274,7 +274,8 @@ def masa_fwd(q, k, v, log_gamma, scale: float, axis: Optional[str]):
     lse = torch.empty(B, HEADS, H, W, device=q.device, dtype=_acc_dtype(q.dtype))
     lg = log_gamma.to(device=q.device, dtype=_acc_dtype(q.dtype)).contiguous()
     meta, warps = _config(N, D, DV, q.dtype)
-    grid = (triton.cdiv(N, meta["BLOCK_M"]), B * HEADS * R)
+    # problems on grid axis 0 (up to 2**31 - 1); axis 1 is limited to 65535 blocks
+    grid = (B * HEADS * R, triton.cdiv(N, meta["BLOCK_M"]))
     _masa_fwd_kernel[grid](
         q, k, v, out, lse, lg,
         *_strides(q, axis), *_strides(k, axis), *_strides(v, axis), *_strides(out, axis),
@@ -304,13 +305,13 @@ def masa_bwd(dout, q, k, v, out, lse, log_gamma, scale: float, axis: Optional[st
         *_strides(q, axis), *_strides(k, axis), *_strides(v, axis), *_strides(dout, axis),
         *_strides(lse, axis, with_feature=False),
     )
-    _masa_bwd_dkdv_kernel[(triton.cdiv(N, meta["BLOCK_N"]), B * HEADS * R)](
+    _masa_bwd_dkdv_kernel[(B * HEADS * R, triton.cdiv(N, meta["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, lg, *common, *_strides(dk, axis), *_strides(dv, axis),
         HEADS, R, X, N, D, DV, float(scale), num_warps=warps, **meta,
     )
     num_m = triton.cdiv(N, meta["BLOCK_M"])
     dlg_part = torch.empty(B * HEADS * R, num_m, device=q.device, dtype=acc)
-    _masa_bwd_dq_kernel[(num_m, B * HEADS * R)](
+    _masa_bwd_dq_kernel[(B * HEADS * R, num_m)](
         q, k, v, dout, lse, delta, dq, dlg_part, lg, *common, *_strides(dq, axis),
         HEADS, R, X, N, D, DV, float(scale), num_m, num_warps=warps, **meta,
     )
