@@ -55,7 +55,7 @@ def _extensions():
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
-    cxx = ["-O3", "-std=c++20", "-Wno-psabi"]
+    cxx = ["-O3", "-g0", "-std=c++20", "-Wno-psabi"]
     ldflags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is OpenMP code inlined from the headers: without -fopenmp it runs

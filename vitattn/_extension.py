@@ -81,9 +81,18 @@ def _cpu_bwd(dout, q, k, v, out, lse, log_gamma, scale, axis):
 def _cpu_auto_reason(ctx) -> Optional[str]:
     """Why "auto" should not pick "cpu" for this call although it could run it, or None.
 
-    From benchmarks/results/masa_cpu_vs_torch.md (one run, both backends): see there.
+    From benchmarks/results/masa_cpu_vs_torch.md (both backends timed alternately in one
+    run): "cpu" wins every full-form case measured (7x7 to 56x56) and the decomposed form
+    from 14x14 up, but loses on the decomposed form over tiny grids, where each row problem
+    is a handful of tokens and packing the inputs costs more than the attention itself.
     """
+    if ctx["decomposed"] and max(ctx["H"], ctx["W"]) < CPU_MIN_DECOMPOSED_SIDE:
+        return (f"measured slower than \"torch\" for the decomposed form on grids smaller than "
+                f"{CPU_MIN_DECOMPOSED_SIDE}x{CPU_MIN_DECOMPOSED_SIDE} (see benchmarks/results/masa_cpu_vs_torch.md)")
     return None
+
+
+CPU_MIN_DECOMPOSED_SIDE = 14
 
 
 def _cpu_check(ctx, auto: bool) -> Optional[str]:
