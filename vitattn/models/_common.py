@@ -24,15 +24,13 @@ ATTN_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 def _extract_state_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
     """The tensor mapping inside a loaded checkpoint (plain state_dict or one nested under a known key)."""
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ValueError(f"load_pretrained: path {path!r} does not hold a state_dict (got {type(obj).__name__})")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = dict(obj)
     else:
         for key in _NESTED_KEYS:
-            if key in obj and isinstance(obj[key], (Mapping, nn.Module)):
+            if key in obj and isinstance(obj[key], Mapping):
                 return _extract_state_dict(obj[key], path)
         raise ValueError(
             f"load_pretrained: path {path!r} holds a dict with keys {sorted(map(str, obj))[:8]} but neither "
