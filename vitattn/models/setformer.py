@@ -41,6 +41,7 @@ Every SeT layer takes ``attn_backend`` ("auto", "triton" or "torch"), passed to 
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Sequence
 
 import torch
@@ -48,9 +49,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from .. import sinkhorn as _sinkhorn
 from ._common import DropPath, build, maybe_register_timm
 from ._registry import register_model
+
+# the op module by import path: the package binds the name vitattn.sinkhorn to the function
+_sinkhorn = importlib.import_module("..sinkhorn", __package__)
 
 __all__ = ["SeTformer", "SeTBlock", "SeTAttention", "setformer_mini", "setformer_tiny", "setformer_small",
            "setformer_base"]
