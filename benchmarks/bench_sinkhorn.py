@@ -27,8 +27,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import peak_memory_mb, time_fn, write_results  # noqa: E402
 
-from vitattn import sinkhorn as sk_mod  # noqa: E402
-from vitattn.reference import sinkhorn as ref_mod  # noqa: E402
+import importlib  # noqa: E402
+
+# by import path: vitattn.sinkhorn may be the exported function rather than the module
+sk_mod = importlib.import_module("vitattn.sinkhorn")
+ref_mod = importlib.import_module("vitattn.reference.sinkhorn")
 
 COLUMNS = ["problems", "n", "m", "iters", "d", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "speedup", "peak_mib",
            "saved_mib"]

@@ -158,6 +158,9 @@ def _fwd_kernel(
     g_prev = tl.zeros([BLOCK_M], ACC)
     g = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+    # the last sweep's column statistics are read after the loop: define them before it
+    cmax = tl.full([BLOCK_M], NEG, ACC)
+    csum = tl.zeros([BLOCK_M], ACC)
     for t in range(ITERS):
         g_prev = g
         cmax = tl.full([BLOCK_M], NEG, ACC)

@@ -5,6 +5,7 @@ Run with TRITON_INTERPRET=1 (conftest sets it without a GPU) to test the Triton 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -13,9 +14,12 @@ import torch
 from _util import HAS_CUDA, TRITON_DEVICE, backends_for, noncontiguous
 
 import vitattn
-from vitattn import sinkhorn as SK
-from vitattn.reference import sinkhorn as R
-from vitattn.torch_backend import sinkhorn as TB
+
+# modules by import path: once vitattn exports the function sinkhorn, the attribute
+# vitattn.sinkhorn is the function, not this module
+SK = importlib.import_module("vitattn.sinkhorn")
+R = importlib.import_module("vitattn.reference.sinkhorn")
+TB = importlib.import_module("vitattn.torch_backend.sinkhorn")
 
 DEV = "cpu"
 BACKENDS = backends_for(DEV)
@@ -436,8 +440,8 @@ def test_opcheck_custom_ops():
     ref = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 7, 2, dtype=torch.float64, requires_grad=True)
     filt = SK.gaussian_filter_1d(7, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.vitattn.ot_fwd.default, (x, ref, v, filt, 0.5, 2, True, "torch"))
-    torch.library.opcheck(torch.ops.vitattn.ot_fwd.default, (x, ref, v, None, 0.5, 2, False, "torch"))
+    torch.library.opcheck(torch.ops.vitattn.sinkhorn_ot_fwd.default, (x, ref, v, filt, 0.5, 2, True, "torch"))
+    torch.library.opcheck(torch.ops.vitattn.sinkhorn_ot_fwd.default, (x, ref, v, None, 0.5, 2, False, "torch"))
     S = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     la = torch.full((3, 5), -math.log(5), dtype=torch.float64, requires_grad=True)
     lb = torch.full((3, 4), -math.log(4), dtype=torch.float64, requires_grad=True)

@@ -137,7 +137,7 @@ torch.library.register_autograd("vitattn::sinkhorn_fwd", _sk_backward, setup_con
 # ---------------------------------------------------------------- custom ops: ot_aggregate / ot_attention
 
 
-@torch.library.custom_op("vitattn::ot_fwd", mutates_args=())
+@torch.library.custom_op("vitattn::sinkhorn_ot_fwd", mutates_args=())
 def _ot_fwd_op(x: Tensor, ref: Tensor, v: Tensor, pos_filter: Optional[Tensor], eps: float, iters: int,
                attention: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return _IMPLS[backend].ot_fwd(x, ref, v, pos_filter, eps, iters, attention)
@@ -153,7 +153,7 @@ def _(x, ref, v, pos_filter, eps, iters, attention, backend):
     return out, zeta, x.new_empty((B, heads, iters, m), dtype=acc)
 
 
-@torch.library.custom_op("vitattn::ot_bwd", mutates_args=())
+@torch.library.custom_op("vitattn::sinkhorn_ot_bwd", mutates_args=())
 def _ot_bwd_op(dout: Tensor, x: Tensor, ref: Tensor, v: Tensor, pos_filter: Optional[Tensor], zeta: Tensor,
                G: Tensor, eps: float, attention: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return _IMPLS[backend].ot_bwd(dout, x, ref, v, pos_filter, zeta, G, eps, attention)
@@ -173,12 +173,12 @@ def _ot_setup(ctx, inputs, output):
 
 def _ot_backward(ctx, dout, _dzeta, _dG):
     x, ref, v, pos_filter, zeta, G = ctx.saved_tensors
-    dx, dref, dv = torch.ops.vitattn.ot_bwd(dout.contiguous(), x, ref, v, pos_filter, zeta, G, ctx.eps,
+    dx, dref, dv = torch.ops.vitattn.sinkhorn_ot_bwd(dout.contiguous(), x, ref, v, pos_filter, zeta, G, ctx.eps,
                                             ctx.attention, ctx.backend)
     return dx, dref, dv, None, None, None, None, None
 
 
-torch.library.register_autograd("vitattn::ot_fwd", _ot_backward, setup_context=_ot_setup)
+torch.library.register_autograd("vitattn::sinkhorn_ot_fwd", _ot_backward, setup_context=_ot_setup)
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -312,7 +312,7 @@ def ot_aggregate(x: Tensor, ref: Tensor, v: Optional[Tensor] = None, *, eps: flo
     v = x if v is None else v
     filt = None if filt is None else filt.to(_acc_dtype(x.dtype))
     name = dispatcher.choose(backend, _ot_context(x, ref, v))
-    return torch.ops.vitattn.ot_fwd(x, ref, v, filt, eps, iters, False, name)[0]
+    return torch.ops.vitattn.sinkhorn_ot_fwd(x, ref, v, filt, eps, iters, False, name)[0]
 
 
 def ot_attention(x: Tensor, ref: Tensor, v: Optional[Tensor] = None, *, eps: float = 0.1, iters: int = 10,
@@ -327,7 +327,7 @@ def ot_attention(x: Tensor, ref: Tensor, v: Optional[Tensor] = None, *, eps: flo
     v = x if v is None else v
     filt = None if filt is None else filt.to(_acc_dtype(x.dtype))
     name = dispatcher.choose(backend, _ot_context(x, ref, v))
-    return torch.ops.vitattn.ot_fwd(x, ref, v, filt, eps, iters, True, name)[0]
+    return torch.ops.vitattn.sinkhorn_ot_fwd(x, ref, v, filt, eps, iters, True, name)[0]
 
 
 def explain(x: Tensor, ref: Tensor, v: Optional[Tensor] = None):
