@@ -7,6 +7,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
+
 #include "masa_kernels.h"
 
 namespace vitattn {
@@ -56,6 +59,24 @@ Tensor blocked_transpose(const Tensor& buf, int64_t f, int64_t nblk, int64_t BN)
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Runs fn(begin, end) over [0, ntasks) on at::parallel_for's threads, handing out small
+// chunks from a shared counter: a thread that is descheduled (shared machines) or meets
+// the short last query block does not hold the others back, as a static split would.
+// Tasks write disjoint outputs, so the result does not depend on the schedule.
+template <typename Fn>
+void run_tasks(int64_t ntasks, const Fn& fn) {
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, ntasks / (nthreads * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(chunk);
+      if (b >= ntasks) break;
+      fn(b, std::min(ntasks, b + chunk));
+    }
+  });
+}
 
 bool use_avx2() {
 #if defined(VITATTN_CPU_HAVE_AVX2)
@@ -171,7 +192,7 @@ std::tuple<Tensor, Tensor> fwd_typed(const Tensor& q, const Tensor& k, const Ten
   a.out = ob.data_ptr<T>();
   a.lse = lb.data_ptr<T>();
   const auto fn = kernels<T>().fwd;
-  at::parallel_for(0, a.Z * a.nmblk, 1, [&](int64_t b, int64_t e) { fn(a, b, e); });
+  run_tasks(a.Z * a.nmblk, [&](int64_t b, int64_t e) { fn(a, b, e); });
   Tensor out = at::empty({g.B, g.heads, g.H, g.W, v.size(4)}, q.options());
   out.copy_(region(ob, g, v.size(4), axis));
   Tensor lse = at::empty({g.B, g.heads, g.H, g.W}, qb.options());
@@ -219,8 +240,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_typed(const Tensor& dout, const T
   a.dv_out = dvb.data_ptr<T>();
   a.dlg = dlgb.data_ptr<T>();
   const Kernels<T> ks = kernels<T>();
-  at::parallel_for(0, a.Z * a.nblk, 1, [&](int64_t b, int64_t e) { ks.dkdv(a, b, e); });
-  at::parallel_for(0, a.Z * a.nmblk, 1, [&](int64_t b, int64_t e) { ks.dq(a, b, e); });
+  run_tasks(a.Z * a.nblk, [&](int64_t b, int64_t e) { ks.dkdv(a, b, e); });
+  run_tasks(a.Z * a.nmblk, [&](int64_t b, int64_t e) { ks.dq(a, b, e); });
   Tensor dq = at::empty(q.sizes(), q.options());
   dq.copy_(region(dqb, g, d, axis));
   Tensor dk = at::empty(k.sizes(), k.options());
