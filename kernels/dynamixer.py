@@ -240,16 +240,26 @@ def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _meta(L: int, CS: int, LD: int, dtype: torch.dtype):
+def launch_configs(L: int, CS: int, LD: int, dtype: torch.dtype):
+    """{kernel name: (constexpr arguments, launch options)} for one problem geometry.
+
+    Shared by the launchers and by the offline compile check in the tests. Sizes were checked
+    with ptxas for sm_90 at the DynaMixer shapes: a single stage, a 32 (fp16) / 16 (fp32) wide
+    reduction chunk for L > 16 and 8-channel gathers in the weights kernel keep register spills
+    small and shared memory under 100 KB (fp32).
+    """
     _, acc = _acc(dtype)
     # fp32 inputs: exact fp32 products (no silent TF32) so results match the reference
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     bi, bc = _pow2(L), _pow2(CS)
-    # the gathered generate tile is (BLOCK_K, BLOCK_I * 16): keep it near 16K elements
-    bk = min(64 if bi <= 16 else 32, _pow2(LD))
-    meta = dict(BLOCK_P=16, BLOCK_I=bi, BLOCK_J=16, BLOCK_C=bc, BLOCK_K=bk, ACC=acc, PREC=prec)
-    warps = 4 if bi * bc <= 256 else 8
-    return meta, warps
+    bk = min(64 if bi <= 16 else (32 if dtype in (torch.float16, torch.bfloat16) else 16), _pow2(LD))
+    rows = dict(BLOCK_P=16, BLOCK_I=bi, BLOCK_J=16, BLOCK_C=bc, BLOCK_K=bk, ACC=acc, PREC=prec)
+    rows_opts = dict(num_warps=4 if bi * bc <= 256 else 8, num_stages=1)
+    block_ld = _pow2(LD)
+    weights = dict(BLOCK_P=16, BLOCK_N=max(16, min(32, 8192 // block_ld)), BLOCK_LD=block_ld, BLOCK_C=8,
+                   ACC=acc, PREC=prec)
+    return {"_fwd_kernel": (rows, rows_opts), "_bwd_rows_kernel": (rows, rows_opts),
+            "_bwd_weights_kernel": (weights, dict(num_warps=8, num_stages=1))}
 
 
 def _strides(t: torch.Tensor):
@@ -273,11 +283,11 @@ def mix_fwd(x, r, wg, bg, S: int):
     lse = torch.empty(*x.shape[:3], S, L, device=x.device, dtype=acc_t)
     wg = wg.contiguous()
     bg_arg = wg if bg is None else bg.contiguous()
-    meta, warps = _meta(L, CS, LD, x.dtype)
+    meta, opts = launch_configs(L, CS, LD, x.dtype)["_fwd_kernel"]
     NP = rows * S
     _fwd_kernel[(triton.cdiv(NP, meta["BLOCK_P"]),)](
         x, r, wg, bg_arg, y, lse, *_strides(x), *_strides(r), *_strides(y),
-        NP, S, N1, N2, L, CS, D, LD, HAS_BG=bg is not None, num_warps=warps, **meta,
+        NP, S, N1, N2, L, CS, D, LD, HAS_BG=bg is not None, **opts, **meta,
     )
     return y, lse
 
@@ -303,21 +313,21 @@ def mix_bwd(dy, x, r, wg, bg, lse, S: int):
     wg = wg.contiguous()
     bg_arg = wg if bg is None else bg.contiguous()
     lse = lse.contiguous()
-    meta, warps = _meta(L, CS, LD, x.dtype)
+    cfg = launch_configs(L, CS, LD, x.dtype)
+    meta, opts = cfg["_bwd_rows_kernel"]
     dxm = empty_tokenwise(x, C, x.dtype)
     dr_p = torch.zeros(NP, LD, device=x.device, dtype=acc_t)  # (row, s, i, k) order
     delta = torch.empty(NP, L, device=x.device, dtype=acc_t)
     _bwd_rows_kernel[(triton.cdiv(NP, meta["BLOCK_P"]),)](
         x, r, wg, bg_arg, dy, lse, dxm, dr_p, delta,
         *_strides(x), *_strides(r), *_strides(dy), *_strides(dxm),
-        NP, S, N1, N2, L, CS, D, LD, HAS_BG=bg is not None, num_warps=warps, **meta,
+        NP, S, N1, N2, L, CS, D, LD, HAS_BG=bg is not None, **opts, **meta,
     )
     # (row, s, i, k) -> (N0, N1, N2, L, S*d), the token-wise layout of dR
     dr = dr_p.view(*x.shape[:3], S, L, D).transpose(3, 4).reshape(*x.shape[:3], L, S * D)
 
-    block_ld = _pow2(LD)
-    block_n = max(16, min(64, 8192 // block_ld))
-    n_tiles = triton.cdiv(L * L, block_n)
+    wmeta, wopts = cfg["_bwd_weights_kernel"]
+    n_tiles = triton.cdiv(L * L, wmeta["BLOCK_N"])
     n_blocks = triton.cdiv(NP, meta["BLOCK_P"])
     groups = _groups(n_tiles, n_blocks, x.device)
     dwg_part = torch.empty(groups, L * L, LD, device=x.device, dtype=acc_t)
@@ -325,8 +335,46 @@ def mix_bwd(dy, x, r, wg, bg, lse, S: int):
     _bwd_weights_kernel[(n_tiles, groups)](
         x, r, wg, bg_arg, dy, lse, delta, dwg_part, dbg_part,
         *_strides(x), *_strides(r), *_strides(dy),
-        NP, S, N1, N2, L, CS, D, LD, groups,
-        HAS_BG=bg is not None, BLOCK_P=meta["BLOCK_P"], BLOCK_N=block_n, BLOCK_LD=block_ld,
-        BLOCK_C=16, ACC=meta["ACC"], PREC=meta["PREC"], num_warps=8 if block_ld >= 128 else 4,
+        NP, S, N1, N2, L, CS, D, LD, groups, HAS_BG=bg is not None, **wopts, **wmeta,
     )
     return dxm, dr, dwg_part.sum(0), dbg_part.sum(0)
+
+
+# ---------------------------------------------------------------- offline compile check
+
+_PTR_ACC = ("LSE", "DELTA", "DR", "DWG", "DBG")
+_PTR_DATA = ("X", "R", "WG", "BG", "Y", "DY", "DXM")
+_UNIT_STRIDES = ("sxc", "src", "syc", "sdc", "sgc")
+
+
+def compile_offline(L: int, CS: int, LD: int, dtype: torch.dtype, arch: int = 90):
+    """Compile the three kernels for NVIDIA sm_<arch> without a GPU; {kernel: shared memory bytes}.
+
+    Checks that the kernels lower to a cubin at a geometry (the launch configs of
+    launch_configs, unit channel strides as the JIT specialises them). Needs the kernels
+    defined without TRITON_INTERPRET and the ptxas that ships with Triton.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    data, acc = names[dtype], "fp32"
+    out = {}
+    for name, (meta, opts) in launch_configs(L, CS, LD, dtype).items():
+        fn = globals()[name]
+        consts = dict(meta, HAS_BG=True, **{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names})
+        sig = {}
+        for a in fn.arg_names:
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a in _PTR_ACC:
+                sig[a] = f"*{acc}"
+            elif a in _PTR_DATA:
+                sig[a] = f"*{data}"
+            else:
+                sig[a] = "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(opts))
+        assert "cubin" in compiled.asm, f"{name}: no cubin produced"
+        out[name] = compiled.metadata.shared
+    return out
