@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import vitattn
 import vitattn.models._common
 import vitattn.models.rmt as rmt
-from vitattn import reference
 
 from _util import TRITON_DEVICE
 
@@ -23,6 +22,7 @@ try:  # registers the compiled "cpu"/"cuda" MaSA backends where the extension is
 except ImportError:
     pass
 _MASA = importlib.import_module("vitattn.masa")  # the module (vitattn.masa is the function)
+ref_masa = importlib.import_module("vitattn.reference.masa")
 
 
 def _runnable(name):
@@ -206,7 +206,7 @@ def test_retention_fp32_close_to_fp64():
 
 
 def _reference_masa(q, k, v, gamma, *, decomposed, scale, backend):
-    return reference.masa(q, k, v, gamma, decomposed=decomposed, scale=scale)
+    return ref_masa.masa(q, k, v, gamma, decomposed=decomposed, scale=scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

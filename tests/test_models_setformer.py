@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 import vitattn.models._common as common
 import vitattn.models.setformer as st
-from vitattn.reference import sinkhorn as ref_sinkhorn
 
 from _util import TRITON_DEVICE
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# modules by import path: the packages bind the names sinkhorn/ot_attention to the functions
 _SK = importlib.import_module("vitattn.sinkhorn")
+ref_sinkhorn = importlib.import_module("vitattn.reference.sinkhorn")
 
 
 def _runnable(name):
