@@ -255,19 +255,20 @@ def test_block_matches_official(device, backend):
 
 
 def test_official_state_dict_names():
-    blk = DynaMixerBlock(32, resolution=8, num_head=8, qkv_bias=False)
+    # keywords as the official VisionBlock passes them
+    blk = DynaMixerBlock(32, resolution=8, num_head=8, reduced_dim=4, qkv_bias=False, qk_scale=None, attn_drop=0.0)
     shapes = {k: tuple(v.shape) for k, v in blk.state_dict().items()}
     want = {}
     for m in ("mix_h", "mix_w"):
         want.update({f"{m}.out.weight": (32, 32), f"{m}.out.bias": (32,),
-                     f"{m}.compress.weight": (16, 32), f"{m}.compress.bias": (16,),
-                     f"{m}.generate.weight": (64, 16), f"{m}.generate.bias": (64,)})
+                     f"{m}.compress.weight": (32, 32), f"{m}.compress.bias": (32,),
+                     f"{m}.generate.weight": (64, 32), f"{m}.generate.bias": (64,)})
     want.update({"mlp_c.weight": (32, 32), "reweight.fc1.weight": (8, 32), "reweight.fc1.bias": (8,),
                  "reweight.fc2.weight": (96, 8), "reweight.fc2.bias": (96,),
                  "proj.weight": (32, 32), "proj.bias": (32,)})
     assert shapes == want
     # a state_dict saved from another instance loads strictly and reproduces the outputs
-    other = DynaMixerBlock(32, resolution=8, num_head=8)
+    other = DynaMixerBlock(32, 8, 8, 4)  # positional order of the official signature
     other.load_state_dict(blk.state_dict(), strict=True)
     x = torch.randn(1, 8, 8, 32)
     torch.testing.assert_close(other(x), blk(x))

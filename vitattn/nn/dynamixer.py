@@ -69,17 +69,19 @@ class DynaMixerBlock(nn.Module):
     """The official token-mixing block on (B, H, W, C): mixing along H, along W and across
     channels, combined with a per-channel softmax reweighting, then ``proj``.
 
+    Signature of the official block (latest version, with ``reduced_dim``), plus ``backend``.
+
     qk_scale and attn_drop are accepted for signature compatibility and unused (as upstream).
     The H pass hands the op a transposed view; nothing is copied for it.
     """
 
-    def __init__(self, dim, resolution=32, num_head=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
-                 proj_drop=0.0, backend: str = "auto"):
+    def __init__(self, dim, resolution=32, num_head=8, reduced_dim=2, qkv_bias=False, qk_scale=None,
+                 attn_drop=0.0, proj_drop=0.0, backend: str = "auto"):
         super().__init__()
         self.resolution = resolution
         self.num_head = num_head
-        self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim=2, backend=backend)
-        self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim=2, backend=backend)
+        self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim, backend=backend)
+        self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim, backend=backend)
         self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)
