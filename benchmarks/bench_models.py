@@ -1,0 +1,216 @@
+"""Benchmark: whole models (every one in vitattn.models.list_models()), fused vs reference backend.
+
+For each model and each attention backend -- "fused" (attn_backend="auto": the Triton /
+CUDA / C++ kernels wherever they can run) and "torch" (attn_backend="torch": the
+PyTorch backend of every op) -- at 224x224:
+
+* train_img_s: images/s of one training step (forward, cross-entropy, backward, SGD step);
+* infer_img_s: images/s of an eval-mode forward under torch.no_grad();
+* train_peak_mib / infer_peak_mib: peak extra memory of one step (GPU: allocator peak;
+  CPU: peak of the running allocation total the profiler records during the step);
+* train_speedup / infer_speedup: fused throughput over the same model's torch-backend
+  throughput (on the fused row).
+
+GPU: bf16 autocast (AMP); CPU: fp32, one intra-op thread (the CPU is shared; a fair
+fused-vs-torch comparison needs both on the same single core).
+
+    python benchmarks/bench_models.py                 # every model, GPU batch 64 / CPU batch 2
+    python benchmarks/bench_models.py --quick         # rmt_t only, batch 1, few repeats (< 1 min on CPU)
+    python benchmarks/bench_models.py --models rmt_s sret_t --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import peak_memory_mb, time_fn, write_results  # noqa: E402
+
+import vitattn.models as models  # noqa: E402
+
+COLUMNS = ["model", "params_m", "impl", "dtype", "batch", "res", "train_img_s", "infer_img_s", "train_speedup",
+           "infer_speedup", "train_peak_mib", "infer_peak_mib"]
+IMPLS = (("fused", "auto"), ("torch", "torch"))
+QUICK_MODELS = ("rmt_t",)
+
+# RMT-S goals of issue 7 (GPU): fused over torch-backend throughput
+GOALS = {"rmt_s": dict(train_speedup=1.5, infer_speedup=2.0)}
+
+
+def _amp(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def cpu_peak_mib(fn) -> float:
+    """Peak extra memory of one call of fn() on the CPU, in MiB: the running sum of the CPU
+    allocator's allocations and frees recorded by the profiler during the call.
+
+    (common.peak_memory_mb's resident-set high-water mark reads ~0 here: after the timing runs
+    the allocator reuses pages the process already holds.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def _peak(fn, device: torch.device) -> Optional[float]:
+    return peak_memory_mb(fn, device) if device.type == "cuda" else cpu_peak_mib(fn)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure(name: str, attn_backend: str, device: torch.device, batch: int, res: int, reps: Dict) -> Dict:
+    """Throughput and peak memory of one model with one backend (fresh model, fixed seed)."""
+    torch.manual_seed(0)
+    model = models.create_model(name, attn_backend=attn_backend).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 3, res, res, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    row: Dict = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with _amp(device):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def infer():
+        with torch.no_grad(), _amp(device):
+            return model(x)
+
+    try:
+        model.train()
+        ms = time_fn(train_step, device, **reps)
+        row["train_img_s"] = batch / (ms / 1e3)
+        row["train_peak_mib"] = _peak(train_step, device)
+    except RuntimeError as exc:
+        if not _is_oom(exc):
+            raise
+        row["train_img_s"] = "OOM"
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        model.eval()
+        ms = time_fn(infer, device, **reps)
+        row["infer_img_s"] = batch / (ms / 1e3)
+        row["infer_peak_mib"] = _peak(infer, device)
+    except RuntimeError as exc:
+        if not _is_oom(exc):
+            raise
+        row["infer_img_s"] = "OOM"
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run(quick: bool, device, model_names: Optional[Sequence[str]] = None, batch: Optional[int] = None,
+        res: int = 224, repeats: Optional[int] = None) -> List[Dict]:
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(1)  # shared CPU: see the module docstring
+    names = list(model_names) if model_names else (list(QUICK_MODELS) if quick else models.list_models())
+    if batch is None:
+        batch = 1 if quick and not on_gpu else (8 if quick else (64 if on_gpu else 2))
+    reps = dict(warmup=1, repeats=2) if quick else (dict(warmup=3, repeats=10, min_time=1.0) if on_gpu
+                                                    else dict(warmup=1, repeats=3))
+    if repeats is not None:
+        reps = dict(warmup=1, repeats=repeats)
+    dtype = "bf16 amp" if on_gpu else "fp32"
+    rows: List[Dict] = []
+    for name in names:
+        per_impl = {}
+        for impl, backend in IMPLS:
+            row = dict(model=name, impl=impl, dtype=dtype, batch=batch, res=res)
+            try:
+                row.update(measure(name, backend, device, batch, res, reps))
+            except Exception as exc:  # one broken model must not hide the others' numbers
+                row.update(train_img_s=f"error: {type(exc).__name__}: {exc}"[:120])
+            per_impl[impl] = row
+            rows.append(row)
+            print(f"{name} {impl}: train {row.get('train_img_s')} img/s, infer {row.get('infer_img_s')} img/s, "
+                  f"peak {row.get('train_peak_mib')} / {row.get('infer_peak_mib')} MiB", flush=True)
+        fused, ref = per_impl["fused"], per_impl["torch"]
+        for k in ("train", "infer"):
+            a, b = fused.get(f"{k}_img_s"), ref.get(f"{k}_img_s")
+            if isinstance(a, float) and isinstance(b, float):
+                fused[f"{k}_speedup"] = a / b
+    return rows
+
+
+def goals_report(rows: List[Dict], device: torch.device) -> str:
+    """Lines on the issue's performance goals (they are stated for the GPU)."""
+    out = []
+    for r in rows:
+        if r["impl"] != "fused":
+            continue
+        for k in ("train_speedup", "infer_speedup"):
+            s = r.get(k)
+            if isinstance(s, float) and s < 1.0:
+                out.append(f"- {r['model']}: fused slower than the torch backend ({k} {s:.2f})")
+        goal = GOALS.get(r["model"])
+        if goal and device.type == "cuda":
+            for k, want in goal.items():
+                s = r.get(k)
+                ok = isinstance(s, float) and s >= want
+                out.append(f"- {r['model']} {k}: {s if s is None else round(s, 2)} (goal >= {want}): "
+                           f"{'met' if ok else 'NOT met'}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="rmt_t only, tiny batch, few repeats")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="*", default=None, help="model names (default: every registered model)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--res", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (after 1 warmup)")
+    ap.add_argument("--out-dir", default=None, help="where to write bench_models.{md,json}")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    rows = run(args.quick, device, args.models, args.batch, args.res, args.repeats)
+    cmd = "python benchmarks/bench_models.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
+    if args.models:
+        cmd += " --models " + " ".join(args.models)
+    if args.batch:
+        cmd += f" --batch {args.batch}"
+    if args.res != 224:
+        cmd += f" --res {args.res}"
+    if args.repeats:
+        cmd += f" --repeats {args.repeats}"
+    md = write_results("bench_models", rows, COLUMNS, device, cmd, args.out_dir)
+    goals = goals_report(rows, device)
+    if goals:
+        with open(os.path.join(args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                               "bench_models.md"), "a") as f:
+            f.write("\n## Goals\n\n" + goals + "\n")
+        md += "\n## Goals\n\n" + goals + "\n"
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
