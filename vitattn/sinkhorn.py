@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._dispatch import Dispatcher, torch_reason, triton_reason
+from ._dispatch import BackendUnavailableError, Dispatcher, torch_reason, triton_reason
 from .torch_backend import sinkhorn as _tb
 
 OP = "sinkhorn"
@@ -79,10 +79,39 @@ def _register_triton() -> None:
             why = f"up to {MAX_M} references (columns) are supported, got m={ctx['m']}"
         if why is None and max(ctx["d"], ctx["dv"]) > MAX_FEATURE:
             why = f"feature dims up to {MAX_FEATURE} are supported, got d={ctx['d']}, dv={ctx['dv']}"
+        if why is None and ctx["device"].type == "cuda":
+            tile = _pow2(ctx["m"]) * max(_pow2(ctx["d"]), _pow2(ctx["dv"]))
+            budget = _tile_budget(ctx["device"])
+            if tile > budget:
+                why = (f"the references x features tile ({_pow2(ctx['m'])} x {max(_pow2(ctx['d']), _pow2(ctx['dv']))}, "
+                       f"padded to powers of 2) needs more shared memory than this GPU offers (at most {budget} "
+                       f"elements here); use fewer references or a smaller head dim")
         return why
 
     register_impl("triton", SinkhornImpl(_tk.sinkhorn_fwd, _tk.sinkhorn_bwd, _tk.ot_fwd, _tk.ot_bwd),
                   check, rank=20)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _tile_budget(device) -> int:
+    """Largest padded m x max(d, dv) tile the kernels fit in this GPU's shared memory.
+
+    Measured by compiling the backward kernel for sm_90 (the larger of the two): tiles of
+    64 x 64 need up to 164 KiB, 128 x 64 and 64 x 128 up to 213 KiB, 256 x 128 344 KiB.
+    Below the A100's 163 KiB opt-in limit the 2048 bound is an unmeasured guess.
+    """
+    try:
+        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    except Exception:
+        smem = 0
+    if smem >= 227 * 1024:
+        return 8192
+    if smem >= 163 * 1024:
+        return 4096
+    return 2048
 
 
 _register_triton()
@@ -246,6 +275,7 @@ def _validate_ot(op: str, x, ref, v, pos_filter, eps, iters):
     if ref.device != x.device:
         raise ValueError(f"{op}: ref is on {ref.device} but x is on {x.device}; they must match")
     if v is not None:
+        V.tensor(op, "v", v, 4)
         V.same_dtype(op, "x", x, v=v)
         V.same_device(op, "x", x, v=v)
     B, heads, n, d = x.shape
@@ -255,10 +285,23 @@ def _validate_ot(op: str, x, ref, v, pos_filter, eps, iters):
     if v is not None and tuple(v.shape[:3]) != (B, heads, n):
         raise ValueError(f"{op}: v must have shape {(B, heads, n, 'dv')} to match x, got {tuple(v.shape)}")
     if min(x.shape) == 0 or ref.shape[1] == 0 or (v is not None and v.shape[-1] == 0):
-        raise ValueError(f"{op}: empty inputs are not supported, got x {tuple(x.shape)}, ref {tuple(ref.shape)}")
+        vs = "None" if v is None else tuple(v.shape)
+        raise ValueError(f"{op}: empty inputs are not supported, got x {tuple(x.shape)}, ref {tuple(ref.shape)}, "
+                         f"v {vs}")
     eps, iters = _eps_iters(op, eps, iters)
     filt = _check_filter(op, pos_filter, n, ref.shape[1], x)
     return eps, iters, filt
+
+
+def _choose(op: str, backend, ctx: dict) -> str:
+    """dispatcher.choose, with errors naming the public function called (one dispatcher serves three)."""
+    try:
+        return dispatcher.choose(backend, ctx)
+    except (TypeError, ValueError, BackendUnavailableError) as exc:
+        msg = str(exc)
+        if op != OP and msg.startswith(OP + ":"):
+            raise type(exc)(op + msg[len(OP):]) from None
+        raise
 
 
 def _ot_context(x: Tensor, ref: Tensor, v: Tensor) -> dict:
@@ -293,7 +336,7 @@ def sinkhorn(scores: Tensor, *, eps: float = 0.1, iters: int = 10, a: Optional[T
     lb = _marginal(OP, "b", b, batch, m, scores)
     S = scores.reshape(-1, n, m)
     ctx = dict(device=scores.device, dtype=scores.dtype, n=n, m=m, d=1, dv=1)
-    name = dispatcher.choose(backend, ctx)
+    name = _choose(OP, backend, ctx)
     P = torch.ops.vitattn.sinkhorn_fwd(S, la, lb, eps, iters, name)[0]
     return P.reshape(scores.shape)
 
@@ -311,7 +354,7 @@ def ot_aggregate(x: Tensor, ref: Tensor, v: Optional[Tensor] = None, *, eps: flo
     x, ref, v = _autocast(x, ref, v)
     v = x if v is None else v
     filt = None if filt is None else filt.to(_acc_dtype(x.dtype))
-    name = dispatcher.choose(backend, _ot_context(x, ref, v))
+    name = _choose("ot_aggregate", backend, _ot_context(x, ref, v))
     return torch.ops.vitattn.sinkhorn_ot_fwd(x, ref, v, filt, eps, iters, False, name)[0]
 
 
@@ -326,7 +369,7 @@ def ot_attention(x: Tensor, ref: Tensor, v: Optional[Tensor] = None, *, eps: flo
     x, ref, v = _autocast(x, ref, v)
     v = x if v is None else v
     filt = None if filt is None else filt.to(_acc_dtype(x.dtype))
-    name = dispatcher.choose(backend, _ot_context(x, ref, v))
+    name = _choose("ot_attention", backend, _ot_context(x, ref, v))
     return torch.ops.vitattn.sinkhorn_ot_fwd(x, ref, v, filt, eps, iters, True, name)[0]
 
 
