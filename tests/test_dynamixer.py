@@ -290,6 +290,18 @@ def test_autocast_cpu_fp16():
     assert y.dtype == torch.float16
     half = [None if a is None else a.half().double() for a in args]
     assert_close(y, reference(*half, 2), torch.float16, "autocast")
+    # x already in the autocast dtype (the output of an autocast linear), fp32 weights
+    x16 = args[0].half().requires_grad_(True)
+    w = [leaf(a) for a in args[1:]]
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = dynamixer(x16, *w, 2, backend="torch")
+    assert y.dtype == torch.float16
+    assert_close(y, reference(*half, 2), torch.float16, "autocast fp16 x")
+    y.float().sum().backward()
+    assert x16.grad.dtype == torch.float16 and w[0].grad.dtype == torch.float32
+    # outside autocast the mismatch is an error naming the argument
+    with pytest.raises(TypeError, match="compress_weight"):
+        dynamixer(x16, *w, 2)
 
 
 # ---------------------------------------------------------------- dispatch

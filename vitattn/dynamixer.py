@@ -142,10 +142,13 @@ torch.library.register_autograd("vitattn::dynamixer_fwd", _backward, setup_conte
 
 def _autocast(*tensors: Optional[Tensor]):
     """Under autocast, run in the autocast dtype (custom ops are not cast automatically)."""
+    if not all(t is None or isinstance(t, Tensor) for t in tensors) or not isinstance(tensors[0], Tensor):
+        return tensors  # validation reports the wrong type
     dev = tensors[0].device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
-        return tuple(None if t is None else t.to(low) for t in tensors)
+        # only floating tensors: an integer x must still fail validation
+        return tuple(t.to(low) if t is not None and t.is_floating_point() else t for t in tensors)
     return tensors
 
 
@@ -207,8 +210,9 @@ def dynamixer(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor
     backend: "auto", "triton" or "torch". Under autocast the op runs in the autocast dtype.
     Returns (..., L, C) in x's dtype, laid out like x when x is a permuted dense tensor.
     """
-    L, C, S, d = _validate(x, compress_weight, compress_bias, generate_weight, generate_bias, segments)
+    # autocast first: under autocast x (from an autocast linear) and the fp32 weights differ in dtype
     x_c, wc, bc, wg, bg = _autocast(x, compress_weight, compress_bias, generate_weight, generate_bias)
+    L, C, S, d = _validate(x_c, wc, bc, wg, bg, segments)
     name = dispatcher.choose(backend, _context(x_c, L, C, S, d))
     y = torch.ops.vitattn.dynamixer_fwd(_to5d(x_c), wc, bc, wg, bg, S, name)[0]
     return y.reshape(x.shape)
