@@ -438,7 +438,7 @@ def _s4(t: Optional[torch.Tensor]):
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
-def _launch_args(S, X, REF, V, FILT, LA, LB, OUT_like, heads):
+def _launch_args(S, X, REF, V, FILT, LA, LB, OUT_like):
     """Shared pointer/stride arguments; unused inputs are replaced by a dummy tensor."""
     dummy = LA
     S_ = S if S is not None else dummy
@@ -461,7 +461,7 @@ def sinkhorn_fwd(S: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, eps: float
     P = torch.empty(Z, N, M, device=S.device, dtype=S.dtype)
     G = torch.empty(Z, iters, M, device=S.device, dtype=acc)
     meta, warps = _config(N, M, 1, 1, S.dtype)
-    ptrs, strides = _launch_args(S, None, None, None, None, la, lb, P, 1)
+    ptrs, strides = _launch_args(S, None, None, None, None, la, lb, P)
     _fwd_kernel[(Z,)](*ptrs, P, P, G, la, lb, *strides,
                       1, N, M, 1, 1, int(iters), _scalars(eps, 1.0, S),
                       FROM_X=False, HAS_F=False, MODE=0, num_warps=warps, **meta)
@@ -480,17 +480,18 @@ def sinkhorn_bwd(dP: torch.Tensor, S: torch.Tensor, la: torch.Tensor, lb: torch.
     dla = torch.empty(Z, N, device=S.device, dtype=acc)
     dlb = torch.empty(Z, M, device=S.device, dtype=acc)
     meta, warps = _config(N, M, 1, 1, S.dtype)
-    ptrs, strides = _launch_args(S, None, None, None, None, la, lb, dP, 1)
+    ptrs, strides = _launch_args(S, None, None, None, None, la, lb, dP)
     _bwd_kernel[(Z,)](*ptrs, dP, dP, G, la, lb, dS, dS, dS, dS, df0, dla, dlb, *strides,
                       1, N, M, 1, 1, int(iters), _scalars(eps, 1.0, S),
                       FROM_X=False, HAS_F=False, MODE=0, MARG=True, num_warps=warps, **meta)
     return dS.to(S.dtype), dla, dlb
 
 
-def _ot_marginals(n: int, m: int, device, acc):
-    # OTKE's masses, as stride-0 views: every row m/n, every reference 1
-    la = torch.full((1, 1), math.log(m / n), device=device, dtype=acc).expand(1, n)
-    lb = torch.zeros((1, 1), device=device, dtype=acc).expand(1, m)
+def _ot_marginals(Z: int, n: int, m: int, device, acc):
+    # OTKE's masses as all-stride-0 views (every program, every row reads one element):
+    # every token m/n, every reference 1
+    la = torch.full((1, 1), math.log(m / n), device=device, dtype=acc).expand(Z, n)
+    lb = torch.zeros((1, 1), device=device, dtype=acc).expand(Z, m)
     return la, lb
 
 
@@ -502,17 +503,12 @@ def ot_fwd(x, ref, v, filt, eps: float, iters: int, attention: bool):
     B, H, N, D = x.shape
     M, DV = ref.shape[1], v.shape[-1]
     acc = _acc_dtype(x.dtype)
-    la, lb = _ot_marginals(N, M, x.device, acc)
-    # stride-0 views: every program reads the same marginals
+    la, lb = _ot_marginals(B * H, N, M, x.device, acc)
     out = torch.empty(B, H, N if attention else M, DV, device=x.device, dtype=x.dtype)
     zeta = torch.empty(B, H, M, DV, device=x.device, dtype=acc) if attention else x.new_empty((0,), dtype=acc)
     G = torch.empty(B, H, iters, M, device=x.device, dtype=acc)
     meta, warps = _config(N, M, D, DV, x.dtype)
-    ptrs, strides = _launch_args(None, x, ref, v, filt, la, lb, out, H)
-    strides = list(strides)
-    # the marginal views have one row: every program reads row 0
-    strides[-4] = 0
-    strides[-2] = 0
+    ptrs, strides = _launch_args(None, x, ref, v, filt, la, lb, out)
     _fwd_kernel[(B * H,)](*ptrs, out, zeta if attention else out, G, la, lb, *strides,
                           H, N, M, D, DV, int(iters), _scalars(eps, N / M, x),
                           FROM_X=True, HAS_F=filt is not None, MODE=2 if attention else 1,
@@ -526,7 +522,7 @@ def ot_bwd(dout, x, ref, v, filt, zeta, G, eps: float, attention: bool):
     M, DV = ref.shape[1], v.shape[-1]
     acc = _acc_dtype(x.dtype)
     iters = G.shape[-2]
-    la, lb = _ot_marginals(N, M, x.device, acc)
+    la, lb = _ot_marginals(B * H, N, M, x.device, acc)
     G = G.contiguous()
     zeta = zeta.contiguous() if attention else G
     dx = torch.empty(B, H, N, D, device=x.device, dtype=acc)
@@ -534,10 +530,7 @@ def ot_bwd(dout, x, ref, v, filt, zeta, G, eps: float, attention: bool):
     dref = torch.empty(B, H, M, D, device=x.device, dtype=acc)
     df0 = torch.empty(B * H, N, device=x.device, dtype=acc)
     meta, warps = _config(N, M, D, DV, x.dtype)
-    ptrs, strides = _launch_args(None, x, ref, v, filt, la, lb, dout, H)
-    strides = list(strides)
-    strides[-4] = 0
-    strides[-2] = 0
+    ptrs, strides = _launch_args(None, x, ref, v, filt, la, lb, dout)
     _bwd_kernel[(B * H,)](*ptrs, dout, zeta, G, la, lb, dx, dx, dv, dref, df0, df0, df0, *strides,
                           H, N, M, D, DV, int(iters), _scalars(eps, N / M, x),
                           FROM_X=True, HAS_F=filt is not None, MODE=2 if attention else 1, MARG=False,
