@@ -257,3 +257,37 @@ def test_missing_extension_stub_raises_import_error():
     with pytest.raises(ImportError, match="not built"):
         stub.masa_cpu_fwd
     assert "missing" in repr(stub)
+
+
+def test_package_works_without_the_extension():
+    """With vitattn._C unimportable: torch backend still runs, "cpu" is refused with the reason."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["vitattn._C"] = None  # makes `from . import _C` raise ImportError
+        import torch, vitattn
+        import vitattn._extension as ext
+        from vitattn._dispatch import BackendUnavailableError
+        assert not ext.available() and "absent" in ext.status(), ext.status()
+        q = torch.randn(1, 2, 3, 4, 8)
+        out = vitattn.masa(q, q, q, 0.9)  # auto falls back to "torch"
+        assert torch.isfinite(out).all()
+        try:
+            vitattn.masa(q, q, q, 0.9, backend="cpu")
+        except BackendUnavailableError as e:
+            assert "vitattn._C" in str(e), e
+        else:
+            raise AssertionError("cpu ran without the extension")
+        try:
+            ext.C.masa_cpu_fwd
+        except ImportError as e:
+            assert "vitattn._C" in str(e)
+        else:
+            raise AssertionError("stub did not raise")
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "VITATTN_BACKEND"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
