@@ -13,6 +13,7 @@ Build against the torch already installed: ``pip install --no-build-isolation -e
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -31,10 +32,10 @@ def _cuda_arch_list(spec: str) -> str:
         item = item.strip()
         if not item:
             continue
-        if not item.startswith("sm_") or len(item) < 5 or not item[3:5].isdigit():
+        m = re.fullmatch(r"sm_(\d+)(\d)([a-z]?)", item)
+        if m is None:
             raise SystemExit(f"VITATTN_CUDA_ARCHS: expected entries like sm_80 or sm_90a, got {item!r}")
-        digits, suffix = item[3:5], item[5:]
-        out.append(f"{digits[0]}.{digits[1]}{suffix}")
+        out.append(f"{m.group(1)}.{m.group(2)}{m.group(3)}")
     if not out:
         raise SystemExit("VITATTN_CUDA_ARCHS is empty")
     return ";".join(out)
