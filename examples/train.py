@@ -52,6 +52,9 @@ NPY_EXTENSIONS = (".npy",)
 PIL_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CHECKPOINT_FORMAT = 1
 ATTN_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+# FSDP shards these submodules one by one (then the root gets the rest): the repeated blocks of
+# each family. SReT shares a block between recursive applications, so its unit is the stage.
+FSDP_UNITS = ("RetBlock", "SReTStage", "DynaMixerLayer", "SeTBlock")
 
 
 # ---------------------------------------------------------------- data
@@ -376,6 +379,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2: every FSDP_UNITS submodule, then the root (stem, downsampling, head). Parameters
+    become DTensor shards; forward/backward all-gather a unit's weights just before use."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in model.modules() if type(m).__name__ in FSDP_UNITS]
+    if not units:
+        warnings.warn(f"--fsdp: {type(model).__name__} has none of {FSDP_UNITS}; sharding it as one unit")
+    for m in units:
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def broadcast_buffers(model: nn.Module, d: Dist) -> None:
     """Give every rank rank 0's buffers (BatchNorm running stats drift apart between DDP's
     per-forward broadcasts), so evaluation agrees with the checkpoint rank 0 writes."""
@@ -384,9 +407,9 @@ def broadcast_buffers(model: nn.Module, d: Dist) -> None:
             dist.broadcast(b, src=0)
 
 
-def param_digest(model: nn.Module) -> str:
+def param_digest(named_params) -> str:
     h = hashlib.sha256()
-    for name, p in unwrap(model).named_parameters():
+    for name, p in named_params:
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -419,13 +442,25 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save_checkpoint(path: str, model, optimizer, scaler, *, epoch: int, step_in_epoch: int, global_step: int,
                     args, d: Dist) -> None:
-    """Every rank contributes its RNG states; rank 0 writes atomically (tmp file + rename), then all wait."""
+    """Every rank contributes its RNG states; rank 0 writes atomically (tmp file + rename), then all wait.
+
+    The model is saved whole and unprefixed (loadable by vitattn's load_pretrained) also under
+    FSDP, where the shards are gathered to rank 0; FSDP's optimizer state is keyed by parameter
+    name (torch.distributed.checkpoint's full optimizer state dict) instead of by index.
+    """
     rngs = d.gather_objects(rng_state(d.device))
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_full_state_options())  # collective
+    elif d.main:
+        model_sd, optim_sd = unwrap(model).state_dict(), optimizer.state_dict()
     if d.main:
         state = {
             "format": CHECKPOINT_FORMAT,
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "fsdp": bool(args.fsdp),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
@@ -466,15 +501,20 @@ def autocast_dtype(args) -> Optional[torch.dtype]:
 
 
 @torch.no_grad()
-def evaluate(model, loader, d: Dist, amp_dtype) -> Dict[str, float]:
-    net = unwrap(model)  # no DDP collectives in eval; each rank scores its own shard
+def evaluate(model, loader, d: Dist, amp_dtype, n_valid: int) -> Dict[str, float]:
+    """Each rank scores its own shard; only the first n_valid samples of it count (FSDP shards
+    are padded so that every rank runs the same number of forwards, which all-gather weights)."""
+    net = unwrap(model)  # DDP: the bare module, no collectives in eval
     was_training = net.training
     net.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    loss_sum, correct, count, seen = 0.0, 0.0, 0.0, 0
     for x, y in loader:
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = net(x)
+        keep = max(0, min(len(y), n_valid - seen))
+        seen += len(y)
+        logits, y = logits[:keep], y[:keep]
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += float((logits.argmax(-1) == y).sum())
         count += y.numel()
@@ -551,7 +591,7 @@ def _run(args, d: Dist) -> dict:
     # the same seed on every rank for the model init (DDP also broadcasts rank 0's weights)
     torch.manual_seed(args.seed)
     train_set, val_set, num_classes = build_data(args)
-    model = create_model(args, num_classes).to(d.device)
+    model = create_model(args, num_classes)
 
     sampler = ResumableSampler(train_set, d.world, d.rank, args.seed, shuffle=True)
     steps_per_epoch = sampler.num_samples // args.batch_size
@@ -560,19 +600,32 @@ def _run(args, d: Dist) -> dict:
                          f"each of the {d.world} ranks gets")
     total_steps = steps_per_epoch * args.epochs
 
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler(d.device.type) if args.amp == "fp16" else None
-
     start_epoch, start_step, global_step = 0, 0, 0
     ckpt_path = resume_path(args)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    if d.world > 1:
+        if ckpt["fsdp"] != bool(args.fsdp):
+            raise ValueError(f"--fsdp: {ckpt_path!r} was written {'with' if ckpt['fsdp'] else 'without'} --fsdp; "
+                             f"resume it the same way (its optimizer state is keyed differently)")
+        model.load_state_dict(ckpt["model"])  # whole weights, before any sharding
+    model = model.to(d.device)
+    if args.fsdp:
+        if d.world < 2:
+            raise ValueError("--fsdp: needs a process group of 2 or more ranks (launch with torchrun)")
+        model = shard_model(model)
+    elif d.world > 1:
         ddp_kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
         model = DDP(model, find_unused_parameters=args.find_unused_parameters, **ddp_kw)
+    # after wrapping: under FSDP the optimizer must hold the sharded parameters
+    optimizer = torch.optim.AdamW(param_groups(unwrap(model), args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(d.device.type) if args.amp == "fp16" else None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if args.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=_full_state_options())
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
@@ -597,7 +650,7 @@ def _run(args, d: Dist) -> dict:
 
     log = Logger(os.path.join(args.output, "metrics.jsonl"), d.main, global_step if ckpt_path else None)
     log({"kind": "start", "step": global_step, "model": args.model, "world_size": d.world, "device": str(d.device),
-         "dist_backend": d.backend if d.world > 1 else None, "amp": args.amp, "attn_backend": args.attn_backend,
+         "dist_backend": d.backend if d.world > 1 else None, "parallel": "fsdp" if args.fsdp else "ddp", "amp": args.amp, "attn_backend": args.attn_backend,
          "resumed_from": ckpt_path, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
          "params": sum(p.numel() for p in model.parameters())})
 
@@ -607,8 +660,13 @@ def _run(args, d: Dist) -> dict:
                         drop_last=True, pin_memory=d.device.type == "cuda", generator=loader_gen)
     val_loader = None
     if val_set is not None and not args.no_eval:
-        val_keys = [(i, 0) for i in range(d.rank, len(val_set), d.world)]  # no padding: every sample once
-        val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_keys, num_workers=args.workers)
+        mine = list(range(d.rank, len(val_set), d.world))  # every sample scored once
+        n_valid = len(mine)
+        if args.fsdp:  # same number of forwards on every rank; the repeats are not scored
+            per_rank = -(-len(val_set) // d.world)
+            mine += [mine[0] if mine else 0] * (per_rank - len(mine))
+        val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=[(i, 0) for i in mine],
+                                num_workers=args.workers)
 
     def checkpoint(epoch, step_in_epoch, name="last.pt"):
         save_checkpoint(os.path.join(args.output, name), model, optimizer, scaler, epoch=epoch,
@@ -670,16 +728,24 @@ def _run(args, d: Dist) -> dict:
                     return result
             if val_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                 broadcast_buffers(model, d)
-                log({"kind": "eval", "step": global_step, "epoch": epoch, **evaluate(model, val_loader, d, amp_dtype)})
+                log({"kind": "eval", "step": global_step, "epoch": epoch, **evaluate(model, val_loader, d, amp_dtype, n_valid)})
             checkpoint(epoch + 1, 0)
 
-    # DDP keeps replicas identical; a mismatch here would be a bug worth failing loudly on
-    digests = d.gather_objects(param_digest(model))
-    in_sync = all(x == digests[0] for x in digests)
-    log({"kind": "final", "step": global_step, "param_sha256": digests[0], "ranks_in_sync": in_sync})
-    if not in_sync:
-        raise RuntimeError(f"parameters differ between ranks after training: {digests}")
-    result.update(global_step=global_step, param_sha256=digests[0])
+    if args.fsdp:
+        # each rank holds shards: digest the gathered weights (rank 0), nothing to compare
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=_full_state_options())
+        names = [n for n, _ in model.named_parameters()]
+        digest, in_sync = (param_digest((n, full[n]) for n in names) if d.main else None), None
+    else:
+        # DDP keeps replicas identical; a mismatch here would be a bug worth failing loudly on
+        digests = d.gather_objects(param_digest(unwrap(model).named_parameters()))
+        digest, in_sync = digests[0], all(x == digests[0] for x in digests)
+        if not in_sync:
+            raise RuntimeError(f"parameters differ between ranks after training: {digests}")
+    log({"kind": "final", "step": global_step, "param_sha256": digest, "ranks_in_sync": in_sync})
+    result.update(global_step=global_step, param_sha256=digest)
     return result
 
 
@@ -715,6 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto")
     p.add_argument("--find-unused-parameters", action="store_true", help="for DDP")
+    p.add_argument("--fsdp", action="store_true",
+                   help=f"shard parameters, gradients and optimizer state with FSDP2 (fully_shard) per "
+                        f"{'/'.join(FSDP_UNITS)} instead of replicating with DDP")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--output", default="runs/train", help="checkpoints and metrics.jsonl")
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for <output>/last.pt if present")

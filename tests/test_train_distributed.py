@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,6 +96,16 @@ def assert_trained(start, end):
 
 
 # ---------------------------------------------------------------- 2 processes, gloo, torchrun
+#
+# Two launches of 2 CPU processes, the dearest part of this file (each process imports torch):
+#   1. ``torchrun examples/train.py`` DDP run interrupted after 3 of its 8 steps (mid-epoch);
+#   2. ``torchrun`` of this file as a driver (see __main__): in fresh processes first the DDP resume
+#      of run 1, then, one after the other, the uninterrupted DDP run, and FSDP: uninterrupted,
+#      interrupted after 3 steps, resumed.
+
+# 17 samples over 2 ranks: padded to 9 per rank, 4 steps of 2 per epoch, 8 steps in 2 epochs;
+# the interruption at step 3 lands mid-epoch, so the sampler position and set_epoch both matter
+DIST_RUN = dict(train_size=17, epochs=2, batch=2, classes=4)
 
 
 def _free_port():
@@ -103,41 +114,50 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(args):
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
+def _torchrun(*script_and_args):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), SCRIPT, *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+           "--master_port", str(_free_port()), *script_and_args]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                         timeout=600)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed (rc {out.returncode}):\n{out.stdout[-6000:]}"
+    return out.stdout
 
 
-def _wait(proc, what):
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{out[-6000:]}"
-    return out
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    _torchrun(SCRIPT, *tiny_args("rmt_t", root / "ddp_part", "--stop-after", "3", **DIST_RUN))
+    stopped = load(root / "ddp_part")
+    _torchrun(os.path.abspath(__file__), "dist-driver", str(root))
+    return root, stopped
 
 
-def test_ddp_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    # 17 samples over 2 ranks: padded to 9 per rank, 4 steps of 2 per epoch, 8 steps in 2 epochs;
-    # the interruption at step 3 lands mid-epoch, so the sampler position and set_epoch both matter
-    common = dict(train_size=17, epochs=2, batch=2, classes=4)
-    # the two independent runs share the 2 cores
-    p_full = _launch(tiny_args("rmt_t", full, **common))
-    p_part = _launch(tiny_args("rmt_t", part, "--stop-after", "3", **common))
-    _wait(p_part, "interrupted run")
-    stopped = load(part)
+def _driver(root):
+    """Run under torchrun by the dist_runs fixture (2 ranks, gloo)."""
+    j = lambda name: os.path.join(root, name)
+    # one process group for all five runs (main() reuses one it did not create): tearing it down
+    # and re-creating it on the same rendezvous store between runs can hang in gloo's connect
+    torch.distributed.init_process_group("gloo")
+    train.main(tiny_args("rmt_t", j("ddp_part"), "--resume", "auto", **DIST_RUN))
+    train.main(tiny_args("rmt_t", j("ddp_full"), **DIST_RUN))
+    train.main(tiny_args("rmt_t", j("fsdp_full"), "--fsdp", **DIST_RUN))
+    train.main(tiny_args("rmt_t", j("fsdp_part"), "--fsdp", "--stop-after", "3", **DIST_RUN))
+    if int(os.environ["RANK"]) == 0:
+        shutil.copyfile(os.path.join(j("fsdp_part"), "last.pt"), j("fsdp_stopped.pt"))
+    train.main(tiny_args("rmt_t", j("fsdp_part"), "--fsdp", "--resume", "auto", **DIST_RUN))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_interrupted_and_resumed_run_is_bitwise_identical(dist_runs):
+    root, stopped = dist_runs
+    full, part = root / "ddp_full", root / "ddp_part"
     assert (stopped["global_step"], stopped["epoch"], stopped["step_in_epoch"]) == (3, 0, 3)
-    assert stopped["world_size"] == 2 and len(stopped["rng"]) == 2
+    assert stopped["world_size"] == 2 and len(stopped["rng"]) == 2 and not stopped["fsdp"]
     # each rank's training RNG is its own stream (per-rank drop path), and both were saved
     assert not torch.equal(stopped["rng"][0]["torch"], stopped["rng"][1]["torch"])
-    assert [r["kind"] for r in metrics(part)][-1] == "stopped"
-
-    # resume at once, while the uninterrupted run may still be going
-    p_resume = _launch(tiny_args("rmt_t", part, "--resume", "auto", **common))
-    _wait(p_full, "uninterrupted run")
-    _wait(p_resume, "resumed run")
     a, b = load(full), load(part)
     assert a["global_step"] == 8
     assert_same_state(a, b)
@@ -146,13 +166,48 @@ def test_ddp_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     la, lb = losses(full), losses(part)
     assert [s for s, _ in la] == list(range(1, 9))
     assert la == lb
+    kinds = [r["kind"] for r in metrics(part)]
+    assert kinds.count("stopped") == 1 and kinds.count("start") == 2
     fa, fb = metrics(full)[-1], metrics(part)[-1]
     assert fa["kind"] == fb["kind"] == "final" and fa["ranks_in_sync"] and fb["ranks_in_sync"]
     assert fa["param_sha256"] == fb["param_sha256"]
     start = [r for r in metrics(part) if r["kind"] == "start"]
-    assert start[-1]["resumed_from"] == str(part / "last.pt") and start[-1]["dist_backend"] == "gloo"
+    assert start[-1]["resumed_from"] == str(part / "last.pt")
+    assert start[-1]["dist_backend"] == "gloo" and start[-1]["parallel"] == "ddp" and start[-1]["world_size"] == 2
     evals = [r for r in metrics(part) if r["kind"] == "eval"]
-    assert evals and all(r["val_count"] == 3 for r in evals)  # 3 val samples over 2 ranks, none doubled
+    assert len(evals) == 2 and all(r["val_count"] == 3 for r in evals)  # 3 val samples over 2 ranks, none doubled
+
+
+def test_fsdp_interrupted_and_resumed_run_is_bitwise_identical(dist_runs):
+    root, _ = dist_runs
+    full, part = root / "fsdp_full", root / "fsdp_part"
+    a, b = load(full), load(part)
+    assert a["fsdp"] and b["fsdp"] and a["global_step"] == 8
+    # the gathered, unprefixed weights: what a plain model loads
+    net = train.create_model(train.parse_args(tiny_args("rmt_t", root, classes=4)), 4)
+    net.load_state_dict(a["model"])
+    # optimizer state keyed by parameter name, one entry per parameter, full (unsharded) shapes
+    assert set(a["optimizer"]["state"]) == {n for n, _ in net.named_parameters()}
+    for n, p in net.named_parameters():
+        assert a["optimizer"]["state"][n]["exp_avg"].shape == p.shape
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"model tensor {k} differs"
+    for n in a["optimizer"]["state"]:
+        for k, v in a["optimizer"]["state"][n].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][n][k])), f"{n}.{k}"
+    assert losses(full) == losses(part) and len(losses(full)) == 8
+    assert metrics(full)[-1]["param_sha256"] == metrics(part)[-1]["param_sha256"]
+    assert [r["parallel"] for r in metrics(part) if r["kind"] == "start"] == ["fsdp", "fsdp"]
+    evals = [r for r in metrics(part) if r["kind"] == "eval"]
+    assert len(evals) == 2 and all(r["val_count"] == 3 for r in evals)  # the padding repeats are not scored
+    assert_trained(torch.load(root / "fsdp_stopped.pt", weights_only=True), b)
+    # FSDP trains the same model as DDP, and with 2 ranks bit for bit: both average a gradient
+    # element over the ranks as (g0 + g1) / 2 or g0 / 2 + g1 / 2, which are equal in floating
+    # point (a sum of two terms has one rounding whatever the order; halving is exact)
+    assert losses(full) == losses(root / "ddp_full")
+    d = load(root / "ddp_full")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], d["model"][k]), f"FSDP and DDP differ in {k}"
 
 
 # ---------------------------------------------------------------- one process, in this process
@@ -206,8 +261,8 @@ def test_bf16_autocast_on_cpu_trains_and_resumes_exactly(tmp_path):
 
 
 def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    train.main(tiny_args("sret_t", full))
+    full, part, model = tmp_path / "full", tmp_path / "part", "dynamixer_s"
+    train.main(tiny_args(model, full))
     before = signal.getsignal(signal.SIGTERM)
     calls = {"n": 0}
     orig = train.create_model
@@ -224,13 +279,13 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path):
 
     train.create_model = create_with_hook
     try:
-        res = train.main(tiny_args("sret_t", part))
+        res = train.main(tiny_args(model, part))
     finally:
         train.create_model = orig
     assert res["stopped_early"] and res["global_step"] == 4
     assert metrics(part)[-1] == {"kind": "stopped", "step": 4, "reason": "signal"}
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
-    train.main(tiny_args("sret_t", part, "--resume", "auto"))
+    train.main(tiny_args(model, part, "--resume", "auto"))
     assert_same_state(load(full), load(part))
     assert losses(full) == losses(part)
 
@@ -405,10 +460,23 @@ def test_bad_arguments_name_the_argument(argv, name, capsys):
 
 def test_runtime_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--batch-size"):
-        train.main(tiny_args("sret_t", tmp_path, train_size=3, batch=4))
+        train.main(tiny_args("dynamixer_s", tmp_path, train_size=3, batch=4))
     torch.save({"weights": torch.zeros(1)}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="--resume"):
-        train.main(tiny_args("sret_t", tmp_path, "--resume", str(tmp_path / "junk.pt")))
+        train.main(tiny_args("dynamixer_s", tmp_path, "--resume", str(tmp_path / "junk.pt")))
     # a constructor argument the model does not have is the constructor's TypeError
     with pytest.raises(TypeError, match="no_such_kwarg"):
-        train.main(tiny_args("sret_t", tmp_path, kw=dict(TINY["sret_t"][1], no_such_kwarg=1)))
+        train.main(tiny_args("dynamixer_s", tmp_path, kw=dict(TINY["dynamixer_s"][1], no_such_kwarg=1)))
+    # FSDP needs a process group; a checkpoint is resumed the way it was written
+    with pytest.raises(ValueError, match="--fsdp"):
+        train.main(tiny_args("dynamixer_s", tmp_path, "--fsdp"))
+    train.main(tiny_args("dynamixer_s", tmp_path, "--stop-after", "1"))
+    ck = load(tmp_path)
+    ck["fsdp"] = True
+    torch.save(ck, tmp_path / "as_fsdp.pt")
+    with pytest.raises(ValueError, match="--fsdp"):
+        train.main(tiny_args("dynamixer_s", tmp_path, "--resume", str(tmp_path / "as_fsdp.pt")))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["dist-driver"]:
+    _driver(sys.argv[2])
