@@ -216,8 +216,9 @@ def test_dispatch_registration():
         vitattn.masa(q.to("meta"), k.to("meta"), v.to("meta"), 0.9, backend="cpu")
 
 
-@pytest.mark.parametrize("H,W,decomposed,want", [(28, 28, False, "cpu"), (56, 56, False, "cpu"), (7, 7, False, "cpu"),
-                                                  (14, 14, True, "cpu"), (56, 56, True, "cpu"), (7, 7, True, "torch")])
+@pytest.mark.parametrize("H,W,decomposed,want", [(28, 28, False, "cpu"), (56, 56, False, "cpu"), (14, 14, False, "cpu"),
+                                                  (7, 7, False, "torch"), (56, 56, True, "cpu"), (28, 28, True, "torch"),
+                                                  (7, 7, True, "torch")])
 def test_auto_choice_follows_measurement(H, W, decomposed, want):
     """"auto" takes "cpu" where benchmarks/results/masa_cpu_vs_torch.md measured it faster."""
     ctx = dict(device=torch.device("cpu"), dtype=torch.float32, d=32, dv=32, H=H, W=W, B=1, heads=4,
