@@ -11,8 +11,12 @@ PyTorch backend of every op) -- at 224x224:
 * train_speedup / infer_speedup: fused throughput over the same model's torch-backend
   throughput (on the fused row).
 
+Both backends run the same weights and inputs, timed in alternating rounds (order flipped
+every round, median per backend), so that load drifting on a shared machine hits both alike.
 GPU: bf16 autocast (AMP); CPU: fp32, one intra-op thread (the CPU is shared; a fair
-fused-vs-torch comparison needs both on the same single core).
+fused-vs-torch comparison needs both on the same single core). Where no fused kernel can run
+(e.g. Sinkhorn on CPU: the Triton interpreter is never chosen automatically) both rows run the
+same code, and their ratio shows the measurement noise.
 
     python benchmarks/bench_models.py                 # every model, GPU batch 64 / CPU batch 2
     python benchmarks/bench_models.py --quick         # rmt_t only, batch 1, few repeats (< 1 min on CPU)
@@ -77,53 +81,93 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def measure(name: str, attn_backend: str, device: torch.device, batch: int, res: int, reps: Dict) -> Dict:
-    """Throughput and peak memory of one model with one backend (fresh model, fixed seed)."""
-    torch.manual_seed(0)
-    model = models.create_model(name, attn_backend=attn_backend).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, 3, res, res, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    row: Dict = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+class _Runner:
+    """One model with one attention backend, its optimizer and its fixed batch."""
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        with _amp(device):
-            loss = F.cross_entropy(model(x), y)
+    def __init__(self, name: str, attn_backend: str, device: torch.device, batch: int, res: int,
+                 state: Optional[Dict] = None):
+        torch.manual_seed(0)
+        model = models.create_model(name, attn_backend=attn_backend)
+        if state is not None:  # both backends run the very same weights
+            model.load_state_dict(state)
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.device = device
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.x = torch.randn(batch, 3, res, res, generator=g).to(device).contiguous(
+            memory_format=torch.channels_last)
+        self.y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
+
+    def train_step(self):
+        self.opt.zero_grad(set_to_none=True)
+        with _amp(self.device):
+            loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    def infer():
-        with torch.no_grad(), _amp(device):
-            return model(x)
+    def infer(self):
+        with torch.no_grad(), _amp(self.device):
+            return self.model(self.x)
 
-    try:
-        model.train()
-        ms = time_fn(train_step, device, **reps)
-        row["train_img_s"] = batch / (ms / 1e3)
-        row["train_peak_mib"] = _peak(train_step, device)
-    except RuntimeError as exc:
-        if not _is_oom(exc):
-            raise
-        row["train_img_s"] = "OOM"
-    opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        model.eval()
-        ms = time_fn(infer, device, **reps)
-        row["infer_img_s"] = batch / (ms / 1e3)
-        row["infer_peak_mib"] = _peak(infer, device)
-    except RuntimeError as exc:
-        if not _is_oom(exc):
-            raise
-        row["infer_img_s"] = "OOM"
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+
+def _paired_ms(fns: Dict[str, object], device: torch.device, warmup: int, repeats: int,
+               min_time: float = 0.0) -> Dict[str, float]:
+    """Median ms per call of each fn, timed in alternating rounds (order flipped every round) so
+    that load drifting on a shared machine hits every implementation alike."""
+    import statistics
+    import time as _time
+
+    names = list(fns)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for n in names:
+        for _ in range(warmup):
+            fns[n]()
+    t0 = _time.perf_counter()
+    r = 0
+    while r < repeats or (_time.perf_counter() - t0) < min_time:
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            times[n].append(time_fn(fns[n], device, warmup=0, repeats=1))
+        r += 1
+        if r >= 200:
+            break
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def measure_model(name: str, device: torch.device, batch: int, res: int, reps: Dict, dtype: str) -> List[Dict]:
+    """Rows (fused, torch) for one model: paired timing of training steps, then of inference."""
+    runners: Dict[str, _Runner] = {}
+    state = None
+    for impl, backend in IMPLS:
+        runners[impl] = _Runner(name, backend, device, batch, res, state)
+        state = runners[impl].model.state_dict()
+    rows = {impl: dict(model=name, impl=impl, dtype=dtype, batch=batch, res=res, params_m=r.params_m)
+            for impl, r in runners.items()}
+    for phase in ("train", "infer"):
+        for r in runners.values():
+            r.model.train(phase == "train")
+        fns = {impl: (r.train_step if phase == "train" else r.infer) for impl, r in runners.items()}
+        try:
+            ms = _paired_ms(fns, device, **reps)
+            for impl, t in ms.items():
+                rows[impl][f"{phase}_img_s"] = batch / (t / 1e3)
+                rows[impl][f"{phase}_peak_mib"] = _peak(fns[impl], device)
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            for impl in rows:
+                rows[impl].setdefault(f"{phase}_img_s", "OOM")
+        for r in runners.values():
+            r.opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    fused, ref = rows["fused"], rows["torch"]
+    for k in ("train", "infer"):
+        a, b = fused.get(f"{k}_img_s"), ref.get(f"{k}_img_s")
+        if isinstance(a, float) and isinstance(b, float):
+            fused[f"{k}_speedup"] = a / b
+    return [rows[impl] for impl, _ in IMPLS]
 
 
 def run(quick: bool, device, model_names: Optional[Sequence[str]] = None, batch: Optional[int] = None,
@@ -135,29 +179,25 @@ def run(quick: bool, device, model_names: Optional[Sequence[str]] = None, batch:
     names = list(model_names) if model_names else (list(QUICK_MODELS) if quick else models.list_models())
     if batch is None:
         batch = 1 if quick and not on_gpu else (8 if quick else (64 if on_gpu else 2))
-    reps = dict(warmup=1, repeats=2) if quick else (dict(warmup=3, repeats=10, min_time=1.0) if on_gpu
-                                                    else dict(warmup=1, repeats=3))
+    reps = dict(warmup=1, repeats=3) if quick else (dict(warmup=3, repeats=10, min_time=1.0) if on_gpu
+                                                    else dict(warmup=1, repeats=5))
     if repeats is not None:
         reps = dict(warmup=1, repeats=repeats)
     dtype = "bf16 amp" if on_gpu else "fp32"
     rows: List[Dict] = []
     for name in names:
-        per_impl = {}
-        for impl, backend in IMPLS:
-            row = dict(model=name, impl=impl, dtype=dtype, batch=batch, res=res)
-            try:
-                row.update(measure(name, backend, device, batch, res, reps))
-            except Exception as exc:  # one broken model must not hide the others' numbers
-                row.update(train_img_s=f"error: {type(exc).__name__}: {exc}"[:120])
-            per_impl[impl] = row
+        try:
+            got = measure_model(name, device, batch, res, reps, dtype)
+        except Exception as exc:  # one broken model must not hide the others' numbers
+            err = f"error: {type(exc).__name__}: {exc}"[:120]
+            got = [dict(model=name, impl=impl, dtype=dtype, batch=batch, res=res, train_img_s=err)
+                   for impl, _ in IMPLS]
+        for row in got:
             rows.append(row)
-            print(f"{name} {impl}: train {row.get('train_img_s')} img/s, infer {row.get('infer_img_s')} img/s, "
-                  f"peak {row.get('train_peak_mib')} / {row.get('infer_peak_mib')} MiB", flush=True)
-        fused, ref = per_impl["fused"], per_impl["torch"]
-        for k in ("train", "infer"):
-            a, b = fused.get(f"{k}_img_s"), ref.get(f"{k}_img_s")
-            if isinstance(a, float) and isinstance(b, float):
-                fused[f"{k}_speedup"] = a / b
+            print(f"{name} {row['impl']}: train {row.get('train_img_s')} img/s, infer {row.get('infer_img_s')} "
+                  f"img/s, peak {row.get('train_peak_mib')} / {row.get('infer_peak_mib')} MiB", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
