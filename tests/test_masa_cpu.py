@@ -206,9 +206,14 @@ def test_compile_fullgraph_and_export():
 
 
 def test_dispatch_registration():
-    q, k, v, _ = make(1, 2, 4, 4, 8, 8, dtype=torch.float32)
+    q, k, v, _ = make(1, 2, 16, 16, 8, 8, dtype=torch.float32)
     reasons = dict(masa_mod.explain(q, k, v))
     assert reasons["cpu"] is None
+    # a tiny grid: "auto" would not take "cpu" (measured slower), naming it still runs it
+    small = [t[:, :, :4, :4] for t in (q, k, v)]
+    assert "measured" in dict(masa_mod.explain(*small))["cpu"]
+    assert_close(vitattn.masa(*small, 0.9, backend="cpu"), reference.masa(*(t.double() for t in small), 0.9),
+                 torch.float32, "explicit cpu on a small grid")
     ctx = masa_mod._context(q.to("meta"), k.to("meta"), v.to("meta"), False)
     why = masa_mod.dispatcher.reason("cpu", ctx)
     assert why is not None and "CPU tensors" in why
