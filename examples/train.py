@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -539,6 +540,8 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.flag:  # a second signal: the user means it, do not wait for the step to end
+            raise KeyboardInterrupt
         self.flag = True
 
     def __exit__(self, *exc):
@@ -665,15 +668,17 @@ def _run(args, d: Dist) -> dict:
         if args.fsdp:  # same number of forwards on every rank; the repeats are not scored
             per_rank = -(-len(val_set) // d.world)
             mine += [mine[0] if mine else 0] * (per_rank - len(mine))
+        # its own generator too: creating a loader iterator draws a seed, which must not come
+        # from the global RNG (evaluating would then shift the training randomness after it)
         val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=[(i, 0) for i in mine],
-                                num_workers=args.workers)
+                                num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
 
-    def checkpoint(epoch, step_in_epoch, name="last.pt"):
-        save_checkpoint(os.path.join(args.output, name), model, optimizer, scaler, epoch=epoch,
-                        step_in_epoch=step_in_epoch, global_step=global_step, args=args, d=d)
-        if args.keep_checkpoints and name == "last.pt" and d.main:
-            import shutil
-            shutil.copyfile(os.path.join(args.output, name), os.path.join(args.output, f"ckpt_step{global_step:08d}.pt"))
+    def checkpoint(epoch, step_in_epoch):
+        path = os.path.join(args.output, "last.pt")
+        save_checkpoint(path, model, optimizer, scaler, epoch=epoch, step_in_epoch=step_in_epoch,
+                        global_step=global_step, args=args, d=d)
+        if args.keep_checkpoints and d.main:
+            shutil.copyfile(path, os.path.join(args.output, f"ckpt_step{global_step:08d}.pt"))
 
     model.train()
     result = {"stopped_early": False}

@@ -233,6 +233,31 @@ def test_resume_is_bitwise_identical_single_process(model, tmp_path):
     assert losses(full) == losses(part)
 
 
+def test_periodic_checkpoints_and_stop_at_an_epoch_end_resume_exactly(tmp_path):
+    # --save-every 2 with copies kept: steps 2, 4, 6 and the epoch ends 3, 6
+    full = tmp_path / "full"
+    train.main(tiny_args("setformer_mini", full, "--save-every", "2", "--keep-checkpoints"))
+    kept = sorted(p.name for p in full.glob("ckpt_step*.pt"))
+    assert kept == [f"ckpt_step{s:08d}.pt" for s in (2, 3, 4, 6)]
+    mid = load(full, "ckpt_step00000004.pt")
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 1, 4)
+    # a periodic checkpoint from the middle of epoch 1, resumed in another directory
+    other = tmp_path / "from4"
+    train.main(tiny_args("setformer_mini", other, "--resume", str(full / "ckpt_step00000004.pt")))
+    assert_same_state(load(full), load(other))
+    assert losses(other) == losses(full)[4:]
+    # interrupted on the last step of epoch 0: the resume starts epoch 1 at its first batch
+    part = tmp_path / "part"
+    train.main(tiny_args("setformer_mini", part, "--stop-after", "3"))
+    assert (load(part)["epoch"], load(part)["step_in_epoch"]) == (0, 3)
+    train.main(tiny_args("setformer_mini", part, "--resume", "auto"))
+    assert_same_state(load(full), load(part))
+    assert losses(part) == losses(full)
+    # evaluating leaves the training untouched (it must draw nothing from the global RNG)
+    train.main(tiny_args("setformer_mini", tmp_path / "noeval", "--no-eval"))
+    assert_same_state(load(full), load(tmp_path / "noeval"))
+
+
 def test_resume_check_catches_missing_rng_restore(tmp_path, monkeypatch):
     # the exactness checks above can fail: without the RNG restore, drop path draws other masks
     monkeypatch.setattr(train, "set_rng_state", lambda state, device: None)
