@@ -99,9 +99,11 @@ def _pow2(n: int) -> int:
 def _tile_budget(device) -> int:
     """Largest padded m x max(d, dv) tile the kernels fit in this GPU's shared memory.
 
-    Measured by compiling the backward kernel for sm_90 (the larger of the two): tiles of
-    64 x 64 need up to 164 KiB, 128 x 64 and 64 x 128 up to 213 KiB, 256 x 128 344 KiB.
-    Below the A100's 163 KiB opt-in limit the 2048 bound is an unmeasured guess.
+    Measured by compiling the backward kernel (the larger of the two) for sm_90 without a
+    GPU: padded tiles of 64 x 64 need up to 161 KiB, 256 x 32 178 KiB, 128 x 64 184 KiB,
+    64 x 128 208 KiB, 256 x 128 344 KiB (Hopper allows 227 KiB). The 4096 bound for
+    163 KiB parts (A100) assumes sm_80 layouts close to sm_90's, and 2048 below that is a
+    guess: neither was measured.
     """
     try:
         smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
