@@ -34,9 +34,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import peak_memory_mb, time_fn, write_results  # noqa: E402
 
+import importlib  # noqa: E402
+
 import vitattn  # noqa: E402,F401
-from vitattn import group_attention as ga_mod  # noqa: E402
 from vitattn.group_attention import group_attention, inverse_permutation, random_permutation  # noqa: E402
+
+# the module itself (vitattn.group_attention may name the function once exported from vitattn)
+ga_mod = importlib.import_module("vitattn.group_attention")
 
 # name: (N, heads, d, groups, permuted)
 SHAPES = {

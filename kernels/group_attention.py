@@ -32,51 +32,94 @@ import triton.language as tl
 
 
 @triton.jit
-def _locate(z, pos, ok, PERM, G, HEADS, n, N, HAS_PERM: tl.constexpr):
-    """(b, h, token, ok) of the rows at position `pos` of problems `z` (int64 vectors)."""
+def _problem(z, G, HEADS):
+    """(b, h, g) of problem index z = (b * HEADS + h) * G + g (int32, scalar or vector)."""
     g = z % G
     bh = z // G
-    h = bh % HEADS
-    b = bh // HEADS
+    return bh // HEADS, bh % HEADS, g
+
+
+@triton.jit
+def _tokens(g, pos, ok, PERM, n, N, HAS_PERM: tl.constexpr):
+    """Original token index of in-group position `pos` of group g, and the row mask.
+
+    The index is kept as int32 (N < 2**31; half the registers of int64), widened in _off.
+    """
     p = g * n + pos
     if HAS_PERM:
         t = tl.load(PERM + p, mask=ok, other=0)
         # an invalid perm (unchecked under torch.compile) must not touch memory out of range
         ok = ok & (t >= 0) & (t < N)
+        t = t.to(tl.int32)
     else:
         t = p
-    return b, h, t, ok
+    return t, ok
 
 
 @triton.jit
-def _gather(base, b, h, t, sb, sh, sn, sf, offs_f, ok, n_feat):
-    ptrs = base + b[:, None] * sb + h[:, None] * sh + t[:, None] * sn + offs_f[None, :] * sf
+def _off(b, h, t, sb, sh, sn):
+    # int64 row offsets; index arithmetic stays int32 (64-bit division is slow and register-hungry)
+    return b.to(tl.int64) * sb + h.to(tl.int64) * sh + t.to(tl.int64) * sn
+
+
+@triton.jit
+def _load_rows(base, off, sf, offs_f, ok, n_feat):
+    ptrs = base + off[:, None] + offs_f[None, :] * sf
     return tl.load(ptrs, mask=ok[:, None] & (offs_f < n_feat)[None, :], other=0.0)
 
 
 @triton.jit
-def _scatter(base, x, b, h, t, sb, sh, sn, sf, offs_f, ok, n_feat):
-    ptrs = base + b[:, None] * sb + h[:, None] * sh + t[:, None] * sn + offs_f[None, :] * sf
+def _store_rows(base, x, off, sf, offs_f, ok, n_feat):
+    ptrs = base + off[:, None] + offs_f[None, :] * sf
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok[:, None] & (offs_f < n_feat)[None, :])
 
 
 @triton.jit
-def _rows(pid_a, pid_b, Z, n, BLOCK: tl.constexpr, PACK: tl.constexpr, PACKED: tl.constexpr):
-    """Problem index and in-group position of the BLOCK rows a program owns."""
+def _packed_rows(pid, Z, n, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """Problem index and in-group position of the rows of a program owning PACK whole problems."""
     r = tl.arange(0, BLOCK)
-    if PACKED:
-        z = pid_a.to(tl.int64) * PACK + (r // n).to(tl.int64)
-        pos = r % n
-        ok = (r < PACK * n) & (z < Z)
-    else:
-        z = tl.zeros([BLOCK], tl.int64) + pid_b
-        pos = pid_a * BLOCK + r
-        ok = pos < n
+    z = pid * PACK + r // n
+    pos = r % n
+    ok = (r < PACK * n) & (z < Z)
     return z, pos, ok
 
 
 @triton.jit
-def _group_fwd_kernel(
+def _group_fwd_packed_kernel(
+    Q, K, V, O, LSE, PERM,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    slb, slh, sln,
+    Z, HEADS, G, n, N, D, DV, scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PACK: tl.constexpr,
+    HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    # PACK whole problems in one tile: the keys are the program's own rows and the logits are
+    # masked block-diagonally, so the softmax is direct (no online rescaling)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    z, pos, ok = _packed_rows(tl.program_id(0), Z, n, BLOCK, PACK)
+    b, h, g = _problem(z, G, HEADS)
+    t, ok = _tokens(g, pos, ok, PERM, n, N, HAS_PERM)
+    q = _load_rows(Q, _off(b, h, t, sqb, sqh, sqn), sqd, offs_d, ok, D)
+    k = _load_rows(K, _off(b, h, t, skb, skh, skn), skd, offs_d, ok, D)
+    v = _load_rows(V, _off(b, h, t, svb, svh, svn), svd, offs_dv, ok, DV)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+    # padding rows (r >= PACK * n) never share a problem index with a valid column
+    s = tl.where(ok[None, :] & (z[:, None] == z[None, :]), s, float("-inf"))
+    m = tl.where(ok, tl.max(s, 1), 0.0)
+    p = tl.exp(s - m[:, None])
+    l = tl.where(ok, tl.sum(p, 1), 1.0)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+    _store_rows(O, acc / l[:, None], _off(b, h, t, sob, soh, son), sod, offs_dv, ok, DV)
+    tl.store(LSE + _off(b, h, t, slb, slh, sln), m + tl.log(l), mask=ok)
+
+
+@triton.jit
+def _group_fwd_tiled_kernel(
     Q, K, V, O, LSE, PERM,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -85,55 +128,36 @@ def _group_fwd_kernel(
     slb, slh, sln,
     Z, HEADS, G, n, N, D, DV, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PACK: tl.constexpr, PACKED: tl.constexpr, HAS_PERM: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    # packed grid: (packs,); tiled grid: (problems, query blocks) -- problems on axis 0, whose
-    # limit is 2**31 - 1 rather than 65535
-    if PACKED:
-        pid_a = tl.program_id(0)
-        pid_b = 0
-    else:
-        pid_a = tl.program_id(1)
-        pid_b = tl.program_id(0)
+    # grid (problems, query blocks): problems on axis 0, whose limit is 2**31 - 1, not 65535
+    b, h, g = _problem(tl.program_id(0), G, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-
-    zr, pr, okr = _rows(pid_a, pid_b, Z, n, BLOCK_M, PACK, PACKED)
-    br, hr, tr, okr = _locate(zr, pr, okr, PERM, G, HEADS, n, N, HAS_PERM)
-    q = _gather(Q, br, hr, tr, sqb, sqh, sqn, sqd, offs_d, okr, D)
+    pos = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tr, okr = _tokens(g, pos, pos < n, PERM, n, N, HAS_PERM)
+    q = _load_rows(Q, _off(b, h, tr, sqb, sqh, sqn), sqd, offs_d, okr, D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
-    # packed: the keys are the program's own rows (one step); tiled: walk the group
-    if PACKED:
-        n_steps = 1
-    else:
-        n_steps = tl.cdiv(n, BLOCK_N)
-    for step in range(0, n_steps):
-        if PACKED:
-            zc, bc, hc, tc, okc = zr, br, hr, tr, okr
-        else:
-            zc, pc, okc = _rows(step, pid_b, Z, n, BLOCK_N, PACK, PACKED)
-            bc, hc, tc, okc = _locate(zc, pc, okc, PERM, G, HEADS, n, N, HAS_PERM)
-        k = _gather(K, bc, hc, tc, skb, skh, skn, skd, offs_d, okc, D)
-        v = _gather(V, bc, hc, tc, svb, svh, svn, svd, offs_dv, okc, DV)
+    for n0 in range(0, n, BLOCK_N):
+        pc = n0 + tl.arange(0, BLOCK_N)
+        tc, okc = _tokens(g, pc, pc < n, PERM, n, N, HAS_PERM)
+        k = _load_rows(K, _off(b, h, tc, skb, skh, skn), skd, offs_d, okc, D)
+        v = _load_rows(V, _off(b, h, tc, svb, svh, svn), svd, offs_dv, okc, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
-        keep = okc[None, :] & (zr[:, None] == zc[None, :])
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(okc[None, :], s, float("-inf"))
+        # every row has a valid key in the first block, so m_new is finite from the start
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with no key yet (padding) keep m = -inf; shift by 0 there to avoid inf - inf
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
-    l_safe = tl.where(okr, l_i, 1.0)
-    _scatter(O, acc / l_safe[:, None], br, hr, tr, sob, soh, son, sod, offs_dv, okr, DV)
-    tl.store(LSE + br * slb + hr * slh + tr * sln, m_i + tl.log(l_safe), mask=okr)
+    _store_rows(O, acc / l_i[:, None], _off(b, h, tr, sob, soh, son), sod, offs_dv, okr, DV)
+    tl.store(LSE + _off(b, h, tr, slb, slh, sln), m_i + tl.log(l_i), mask=okr)
 
 
 @triton.jit
@@ -152,16 +176,16 @@ def _group_bwd_packed_kernel(
     PACK: tl.constexpr, HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     # every problem of the program lies inside this one tile: rows and columns are the same tokens
-    pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    z, pos, ok = _rows(pid, 0, Z, n, BLOCK, PACK, True)
-    b, h, t, ok = _locate(z, pos, ok, PERM, G, HEADS, n, N, HAS_PERM)
-    q = _gather(Q, b, h, t, sqb, sqh, sqn, sqd, offs_d, ok, D)
-    k = _gather(K, b, h, t, skb, skh, skn, skd, offs_d, ok, D)
-    v = _gather(V, b, h, t, svb, svh, svn, svd, offs_dv, ok, DV)
-    do = _gather(DO, b, h, t, sdob, sdoh, sdon, sdod, offs_dv, ok, DV)
-    lse = tl.load(LSE + b * slb + h * slh + t * sln, mask=ok, other=0.0)
+    z, pos, ok = _packed_rows(tl.program_id(0), Z, n, BLOCK, PACK)
+    b, h, g = _problem(z, G, HEADS)
+    t, ok = _tokens(g, pos, ok, PERM, n, N, HAS_PERM)
+    q = _load_rows(Q, _off(b, h, t, sqb, sqh, sqn), sqd, offs_d, ok, D)
+    k = _load_rows(K, _off(b, h, t, skb, skh, skn), skd, offs_d, ok, D)
+    v = _load_rows(V, _off(b, h, t, svb, svh, svn), svd, offs_dv, ok, DV)
+    do = _load_rows(DO, _off(b, h, t, sdob, sdoh, sdon), sdod, offs_dv, ok, DV)
+    lse = tl.load(LSE + _off(b, h, t, slb, slh, sln), mask=ok, other=0.0)
 
     s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
     keep = ok[:, None] & ok[None, :] & (z[:, None] == z[None, :])
@@ -173,9 +197,9 @@ def _group_bwd_packed_kernel(
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC) * scale
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC) * scale
-    _scatter(DQ, dq, b, h, t, sgqb, sgqh, sgqn, sgqd, offs_d, ok, D)
-    _scatter(DK, dk, b, h, t, sgkb, sgkh, sgkn, sgkd, offs_d, ok, D)
-    _scatter(DV_, dv, b, h, t, sgvb, sgvh, sgvn, sgvd, offs_dv, ok, DV)
+    _store_rows(DQ, dq, _off(b, h, t, sgqb, sgqh, sgqn), sgqd, offs_d, ok, D)
+    _store_rows(DK, dk, _off(b, h, t, sgkb, sgkh, sgkn), sgkd, offs_d, ok, D)
+    _store_rows(DV_, dv, _off(b, h, t, sgvb, sgvh, sgvn), sgvd, offs_dv, ok, DV)
 
 
 @triton.jit
@@ -192,24 +216,24 @@ def _group_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    # tiled layout: one program owns a block of keys of one group and walks its query blocks
-    pid_n = tl.program_id(1)
-    pid_z = tl.program_id(0)
+    # tiled layout, grid (problems, key blocks): one program owns a block of keys of one group
+    # and walks the group's query blocks (delta and lse are per token, laid out like lse)
+    b, h, g = _problem(tl.program_id(0), G, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    zc, pc, okc = _rows(pid_n, pid_z, Z, n, BLOCK_N, 1, False)
-    bc, hc, tc, okc = _locate(zc, pc, okc, PERM, G, HEADS, n, N, HAS_PERM)
-    k = _gather(K, bc, hc, tc, skb, skh, skn, skd, offs_d, okc, D)
-    v = _gather(V, bc, hc, tc, svb, svh, svn, svd, offs_dv, okc, DV)
+    pc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tc, okc = _tokens(g, pc, pc < n, PERM, n, N, HAS_PERM)
+    k = _load_rows(K, _off(b, h, tc, skb, skh, skn), skd, offs_d, okc, D)
+    v = _load_rows(V, _off(b, h, tc, svb, svh, svn), svd, offs_dv, okc, DV)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
-    for m_blk in range(0, tl.cdiv(n, BLOCK_M)):
-        zr, pr, okr = _rows(m_blk, pid_z, Z, n, BLOCK_M, 1, False)
-        br, hr, tr, okr = _locate(zr, pr, okr, PERM, G, HEADS, n, N, HAS_PERM)
-        q = _gather(Q, br, hr, tr, sqb, sqh, sqn, sqd, offs_d, okr, D)
-        do = _gather(DO, br, hr, tr, sdob, sdoh, sdon, sdod, offs_dv, okr, DV)
-        l_off = br * slb + hr * slh + tr * sln
+    for m0 in range(0, n, BLOCK_M):
+        pr = m0 + tl.arange(0, BLOCK_M)
+        tr, okr = _tokens(g, pr, pr < n, PERM, n, N, HAS_PERM)
+        q = _load_rows(Q, _off(b, h, tr, sqb, sqh, sqn), sqd, offs_d, okr, D)
+        do = _load_rows(DO, _off(b, h, tr, sdob, sdoh, sdon), sdod, offs_dv, okr, DV)
+        l_off = _off(b, h, tr, slb, slh, sln)
         lse = tl.load(LSE + l_off, mask=okr, other=0.0)
         delta = tl.load(DELTA + l_off, mask=okr, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
@@ -219,8 +243,8 @@ def _group_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
 
-    _scatter(DK, dk * scale, bc, hc, tc, sgkb, sgkh, sgkn, sgkd, offs_d, okc, D)
-    _scatter(DV_, dv, bc, hc, tc, sgvb, sgvh, sgvn, sgvd, offs_dv, okc, DV)
+    _store_rows(DK, dk * scale, _off(b, h, tc, sgkb, sgkh, sgkn), sgkd, offs_d, okc, D)
+    _store_rows(DV_, dv, _off(b, h, tc, sgvb, sgvh, sgvn), sgvd, offs_dv, okc, DV)
 
 
 @triton.jit
@@ -236,32 +260,32 @@ def _group_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    # tiled layout: one program owns a block of queries of one group and walks its key blocks
-    pid_m = tl.program_id(1)
-    pid_z = tl.program_id(0)
+    # tiled layout, grid (problems, query blocks): one program owns a block of queries of one
+    # group and walks the group's key blocks
+    b, h, g = _problem(tl.program_id(0), G, HEADS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    zr, pr, okr = _rows(pid_m, pid_z, Z, n, BLOCK_M, 1, False)
-    br, hr, tr, okr = _locate(zr, pr, okr, PERM, G, HEADS, n, N, HAS_PERM)
-    q = _gather(Q, br, hr, tr, sqb, sqh, sqn, sqd, offs_d, okr, D)
-    do = _gather(DO, br, hr, tr, sdob, sdoh, sdon, sdod, offs_dv, okr, DV)
-    l_off = br * slb + hr * slh + tr * sln
+    pr = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tr, okr = _tokens(g, pr, pr < n, PERM, n, N, HAS_PERM)
+    q = _load_rows(Q, _off(b, h, tr, sqb, sqh, sqn), sqd, offs_d, okr, D)
+    do = _load_rows(DO, _off(b, h, tr, sdob, sdoh, sdon), sdod, offs_dv, okr, DV)
+    l_off = _off(b, h, tr, slb, slh, sln)
     lse = tl.load(LSE + l_off, mask=okr, other=0.0)
     delta = tl.load(DELTA + l_off, mask=okr, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for n_blk in range(0, tl.cdiv(n, BLOCK_N)):
-        zc, pc, okc = _rows(n_blk, pid_z, Z, n, BLOCK_N, 1, False)
-        bc, hc, tc, okc = _locate(zc, pc, okc, PERM, G, HEADS, n, N, HAS_PERM)
-        k = _gather(K, bc, hc, tc, skb, skh, skn, skd, offs_d, okc, D)
-        v = _gather(V, bc, hc, tc, svb, svh, svn, svd, offs_dv, okc, DV)
+    for n0 in range(0, n, BLOCK_N):
+        pc = n0 + tl.arange(0, BLOCK_N)
+        tc, okc = _tokens(g, pc, pc < n, PERM, n, N, HAS_PERM)
+        k = _load_rows(K, _off(b, h, tc, skb, skh, skn), skd, offs_d, okc, D)
+        v = _load_rows(V, _off(b, h, tc, svb, svh, svn), svd, offs_dv, okc, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         p = tl.where(okr[:, None] & okc[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
 
-    _scatter(DQ, dq * scale, br, hr, tr, sgqb, sgqh, sgqn, sgqd, offs_d, okr, D)
+    _store_rows(DQ, dq * scale, _off(b, h, tr, sgqb, sgqh, sgqn), sgqd, offs_d, okr, D)
 
 
 @triton.jit
@@ -272,16 +296,17 @@ def _delta_kernel(
     HEADS, N, DV, ROWS,
     BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):
-    # delta = rowsum(dO * O) per token, accumulated in ACC without fp32 copies of dO and O
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # delta = rowsum(dO * O) per token (B, heads, N contiguous), accumulated in ACC without
+    # fp32 copies of dO and O
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < ROWS
     t = rows % N
     bh = rows // N
     h = bh % HEADS
     b = bh // HEADS
     offs = tl.arange(0, BLOCK_DV)
-    do = _gather(DO, b, h, t, sdob, sdoh, sdon, sdod, offs, ok, DV).to(ACC)
-    o = _gather(O, b, h, t, sob, soh, son, sod, offs, ok, DV).to(ACC)
+    do = _load_rows(DO, _off(b, h, t, sdob, sdoh, sdon), sdod, offs, ok, DV).to(ACC)
+    o = _load_rows(O, _off(b, h, t, sob, soh, son), sod, offs, ok, DV).to(ACC)
     tl.store(DELTA + rows, tl.sum(do * o, 1), mask=ok)
 
 
@@ -298,35 +323,50 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def config(n: int, D: int, DV: int, dtype: torch.dtype, block: Optional[int] = None,
            backward: bool = False) -> dict:
-    """Tile sizes and layout for groups of n tokens (forward, or backward with ``backward``).
+    """Tile sizes, layout and warps for groups of n tokens (forward, or backward with ``backward``).
 
+    The tiles are the largest that compile for sm_90 without register spills (checked with
+    ptxas through triton.compile for the SReT head dims 32 / 42 and 64 / 128): the backward
+    keeps more tile x tile matrices live (S, P, dP, dS) than the forward, and fp32 products
+    are exact FMA dots ("ieee"), which need much smaller tiles than fp16/bf16 tensor-core dots.
     ``block`` overrides the largest tile (tests use it to reach the tiled layout cheaply).
     """
     bd, bdv = _pow2(D), _pow2(DV)
     widest = max(bd, bdv)
-    cap = 128 if widest <= 64 else (64 if widest <= 128 else 32)
-    if dtype in (torch.float32, torch.float64):
-        cap //= 2  # wider elements: halve the tile to stay within registers / shared memory
-    if backward:
-        # the packed backward keeps four tile x tile matrices (S, P, dP, dS) live at once
-        cap = min(cap, 64)
+    if dtype in (torch.float16, torch.bfloat16):
+        if widest <= 32:
+            cap = 64
+        elif widest <= 64:
+            cap = 32 if backward else 64
+        else:
+            cap = 32 if widest <= 128 else 16
+    elif dtype == torch.float32:
+        cap = 32 if widest <= 32 and not backward else 16
+    else:
+        # fp64 runs only under the interpreter (never on the GPU): larger tiles, fewer programs
+        cap = 64 if widest <= 64 else 32
     if block is not None:
         cap = int(block)
     if _pow2(n) <= cap:
-        # packed: at least 64 rows per program, so tiny groups share a program
-        tile = max(_pow2(n), min(cap, 64))
+        # packed: tiny groups share a program (PACK whole groups per tile)
+        tile = _pow2(n) if block is not None else max(_pow2(n), cap)
         meta = dict(BLOCK_M=tile, BLOCK_N=tile, PACK=tile // n, PACKED=True)
-        big = tile * max(tile, widest) > 64 * 64 or (backward and tile >= 64)
-        warps = 8 if big else 4
+        warps = 8 if backward or tile * widest > 64 * 32 else 4
     else:
-        tile = min(cap, 64)
+        tile = cap
         meta = dict(BLOCK_M=tile, BLOCK_N=tile, PACK=1, PACKED=False)
-        warps = 4 if tile * widest <= 64 * 64 else 8
+        warps = 8 if backward and tile * widest >= 64 * 64 else 4
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # fp32 inputs: exact fp32 products (no silent TF32) so results match the reference
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     meta.update(BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc, PREC=prec, num_warps=warps)
     return meta
+
+
+def _check_sizes(rows: int) -> None:
+    # token and problem indices are int32 inside the kernels (offsets are int64)
+    if rows >= 2**31:
+        raise ValueError(f"group_attention: B * heads * N must be < 2**31 for the Triton kernels, got {rows}")
 
 
 def _st(t: torch.Tensor):
@@ -344,19 +384,21 @@ def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scal
     DV = v.shape[-1]
     n = N // groups
     Z = B * HEADS * groups
+    _check_sizes(B * HEADS * N)
     out = torch.empty(B, HEADS, N, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HEADS, N, device=q.device, dtype=_acc_dtype(q.dtype))
     meta = config(n, D, DV, q.dtype, block)
-    if meta["PACKED"]:
-        grid = (triton.cdiv(Z, meta["PACK"]), 1)
-    else:
-        grid = (Z, triton.cdiv(n, meta["BLOCK_M"]))
     has_perm = perm is not None
-    _group_fwd_kernel[grid](
-        q, k, v, out, lse, perm if has_perm else q,
-        *_st(q), *_st(k), *_st(v), *_st(out), *_st(lse),
-        Z, HEADS, groups, n, N, D, DV, float(scale), HAS_PERM=has_perm, **meta,
-    )
+    args = (q, k, v, out, lse, perm if has_perm else q,
+            *_st(q), *_st(k), *_st(v), *_st(out), *_st(lse), Z, HEADS, groups, n, N, D, DV, float(scale))
+    common = dict(BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"], HAS_PERM=has_perm, ACC=meta["ACC"],
+                  PREC=meta["PREC"], num_warps=meta["num_warps"])
+    if meta["PACKED"]:
+        _group_fwd_packed_kernel[(triton.cdiv(Z, meta["PACK"]),)](
+            *args, BLOCK=meta["BLOCK_M"], PACK=meta["PACK"], **common)
+    else:
+        _group_fwd_tiled_kernel[(Z, triton.cdiv(n, meta["BLOCK_M"]))](
+            *args, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], **common)
     return out, lse
 
 
@@ -367,6 +409,7 @@ def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], g
     DV = v.shape[-1]
     n = N // groups
     Z = B * HEADS * groups
+    _check_sizes(B * HEADS * N)
     dq = torch.empty(B, HEADS, N, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, HEADS, N, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HEADS, N, DV, device=q.device, dtype=v.dtype)
