@@ -274,13 +274,14 @@ def test_resume_check_catches_wrong_sampler_position(tmp_path, monkeypatch):
     assert losses(full)[2:] != losses(part)[2:]
 
 
-def test_bf16_autocast_on_cpu_trains_and_resumes_exactly(tmp_path):
-    full, part, stopped = _interrupt_and_resume("setformer_mini", tmp_path, "--amp", "bf16", stop=4)
+@pytest.mark.parametrize("model", ["rmt_t", "setformer_mini"])
+def test_bf16_autocast_on_cpu_trains_and_resumes_exactly(model, tmp_path):
+    full, part, stopped = _interrupt_and_resume(model, tmp_path, "--amp", "bf16", stop=4)
     assert_same_state(load(full), load(part))
     assert losses(full) == losses(part)
     assert all(np.isfinite(l) for _, l in losses(full))
     # autocast did act: the fp32 run of the same data gives other losses
-    train.main(tiny_args("setformer_mini", tmp_path / "fp32", "--stop-after", "1"))
+    train.main(tiny_args(model, tmp_path / "fp32", "--stop-after", "1"))
     assert losses(tmp_path / "fp32")[0] != losses(full)[0]
     assert load(full)["scaler"] is None  # a GradScaler only goes with fp16 on CUDA
 
@@ -313,6 +314,13 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path):
     train.main(tiny_args(model, part, "--resume", "auto"))
     assert_same_state(load(full), load(part))
     assert losses(full) == losses(part)
+
+
+def test_dataloader_workers_do_not_change_the_run(tmp_path):
+    train.main(tiny_args("dynamixer_s", tmp_path / "w0", epochs=1))
+    train.main(tiny_args("dynamixer_s", tmp_path / "w2", "--workers", "2", epochs=1))
+    assert_same_state(load(tmp_path / "w0"), load(tmp_path / "w2"))
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
 
 
 def test_attn_backend_reaches_every_block(tmp_path):
