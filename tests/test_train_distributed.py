@@ -427,7 +427,13 @@ def test_imagefolder_training_run(tmp_path):
     rows = metrics(tmp_path / "out")
     ev = [r for r in rows if r["kind"] == "eval"]
     assert len(ev) == 1 and ev[0]["val_count"] == 3 and np.isfinite(ev[0]["val_loss"])
-    assert load(tmp_path / "out")["model"]["head.weight"].shape[0] == 3  # classes from the folders
+    ck = load(tmp_path / "out")
+    assert ck["model"]["head.weight"].shape[0] == 3  # classes from the folders
+    # the checkpoint is what vitattn.models' pretrained= loads (it finds the "model" entry)
+    import vitattn.models as vm
+    net = vm.create_model("setformer_mini", num_classes=3, pretrained=str(tmp_path / "out" / "last.pt"), **kw)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ck["model"][k]), k
 
 
 def test_imagefolder_bad_layouts(tmp_path):
