@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -653,7 +652,9 @@ def _run(args, d: Dist) -> dict:
 
     log = Logger(os.path.join(args.output, "metrics.jsonl"), d.main, global_step if ckpt_path else None)
     log({"kind": "start", "step": global_step, "model": args.model, "world_size": d.world, "device": str(d.device),
-         "dist_backend": d.backend if d.world > 1 else None, "parallel": "fsdp" if args.fsdp else "ddp", "amp": args.amp, "attn_backend": args.attn_backend,
+         "dist_backend": d.backend if d.world > 1 else None,
+         "parallel": "fsdp" if args.fsdp else ("ddp" if d.world > 1 else None),
+         "amp": args.amp, "attn_backend": args.attn_backend,
          "resumed_from": ckpt_path, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
          "params": sum(p.numel() for p in model.parameters())})
 
@@ -715,7 +716,8 @@ def _run(args, d: Dist) -> dict:
                 loss_sum, stops = d.all_sum([float(loss.detach()), float(stop.flag)])
                 mean_loss = loss_sum / d.world
                 if not math.isfinite(mean_loss) and scaler is None:
-                    raise FloatingPointError(f"loss is {mean_loss} at step {global_step}; lower --lr or use --clip-grad")
+                    raise FloatingPointError(
+                        f"loss is {mean_loss} at step {global_step}; lower --lr or use --clip-grad")
                 row = {"kind": "train", "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": lr}
                 echo = global_step % args.log_every == 0 or global_step == total_steps
                 if echo:
@@ -733,7 +735,8 @@ def _run(args, d: Dist) -> dict:
                     return result
             if val_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                 broadcast_buffers(model, d)
-                log({"kind": "eval", "step": global_step, "epoch": epoch, **evaluate(model, val_loader, d, amp_dtype, n_valid)})
+                scores = evaluate(model, val_loader, d, amp_dtype, n_valid)
+                log({"kind": "eval", "step": global_step, "epoch": epoch, **scores})
             checkpoint(epoch + 1, 0)
 
     if args.fsdp:
