@@ -143,16 +143,16 @@ def test_dynamixer_logits_near_1e4(backend, dtype):
 @pytest.mark.parametrize("dtype", [F32, F16])
 @pytest.mark.parametrize("decomposed", [False, True])
 def test_masa_tiny_gamma(backend, dtype, decomposed):
-    q = rand((1, 2, 6, 7, 8), dtype, 20)
-    k = rand((1, 2, 6, 7, 8), dtype, 21)
-    v = rand((1, 2, 6, 7, 8), dtype, 22)
+    q = rand((1, 2, 5, 6, 8), dtype, 20)
+    k = rand((1, 2, 5, 6, 8), dtype, 21)
+    v = rand((1, 2, 5, 6, 8), dtype, 22)
     # learnable decay: d out / d gamma = (d out / d log gamma) / gamma, large but finite at 1e-6
     gamma = torch.tensor([1e-6, 0.5], device=DEV, requires_grad=True)
     out = run_and_compare(
         lambda q, k, v, g: _masa.masa(q, k, v, g, decomposed=decomposed, backend=backend),
         lambda q, k, v, g: R.masa(q, k, v, g, decomposed=decomposed),
         [q, k, v, gamma], dtype, f"masa gamma=1e-6 [{backend}, {dtype}, decomposed={decomposed}]")
-    assert out.shape == (1, 2, 6, 7, 8)
+    assert out.shape == (1, 2, 5, 6, 8)
 
 
 # ---------------------------------------------------------------- eps = 1e-3, |S| / eps up to 1e4
@@ -307,7 +307,7 @@ def test_dynamixer_all_equal_logits(backend, dtype):
 @pytest.mark.parametrize("decomposed", [False, True])
 def test_masa_single_token_axes(backend, HW, decomposed):
     H, W = HW
-    q, k, v = (rand((2, 2, H, W, 8), F32, 90 + i) for i in range(3))
+    q, k, v = (rand((1, 2, H, W, 8), F32, 90 + i) for i in range(3))
     gamma = torch.tensor([0.3, 0.9], device=DEV, requires_grad=True)
     out = run_and_compare(lambda q, k, v, g: _masa.masa(q, k, v, g, decomposed=decomposed, backend=backend),
                           lambda q, k, v, g: R.masa(q, k, v, g, decomposed=decomposed),
@@ -400,8 +400,8 @@ def _assert_bitwise(runs, what):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_determinism_masa(deterministic, backend, dtype):
-    q, k, v = (rand((1, 2, 6, 7, 16), dtype, 140 + i) for i in range(3))
-    gamma = torch.tensor([0.8, 0.95], device=DEV)
+    q, k, v = (rand((1, 1, 5, 7, 16), dtype, 140 + i) for i in range(3))
+    gamma = torch.tensor([0.8], device=DEV)
     for decomposed in (False, True):
         runs = _twice(lambda q, k, v, g: _masa.masa(q, k, v, g, decomposed=decomposed, backend=backend),
                       [q, k, v, gamma])
