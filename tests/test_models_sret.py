@@ -234,7 +234,7 @@ def test_fused_triton_matches_torch_backend_values_and_grads():
 
 
 def test_attn_backend_is_passed_to_every_attention(monkeypatch):
-    from vitattn import group_attention as ga
+    import vitattn as ga
 
     seen = []
     real = ga.group_attention

@@ -53,11 +53,11 @@ EVAL_PERMUTATIONS = ("fixed", "random", "off")
 __all__ = ["SReT", "sret_t", "sret_lt", "sret_s", "EVAL_PERMUTATIONS"]
 
 
-def _group_attention():
-    # imported on use so that `import vitattn.models` does not pull the op in eagerly
-    from .. import group_attention as ga
+def _ops():
+    # the public ops, looked up on use (vitattn.models is imported by vitattn's users, not by vitattn)
+    import vitattn
 
-    return ga
+    return vitattn
 
 
 # ---------------------------------------------------------------- layers
@@ -147,17 +147,17 @@ class GroupAttention(nn.Module):
 
     def _draw_fixed(self, n: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.permutation_seed)
-        perm = _group_attention().random_permutation(n, device=torch.device("cpu"), generator=gen)
+        perm = _ops().random_permutation(n, device=torch.device("cpu"), generator=gen)
         device = self.qkv.weight.device
         return perm.to(device) if device.type != "meta" else perm
 
     def _permutation(self, n: int, device: torch.device) -> Optional[Tensor]:
         if self.training:
-            return _group_attention().random_permutation(n, device=device, generator=self.generator)
+            return _ops().random_permutation(n, device=device, generator=self.generator)
         if self.eval_permutation == "off":
             return None
         if self.eval_permutation == "random":
-            return _group_attention().random_permutation(n, device=device, generator=self.generator)
+            return _ops().random_permutation(n, device=device, generator=self.generator)
         if self.eval_perm is None or self.eval_perm.numel() != n:
             # built lazily in eager mode when the token count was not known at construction
             self.eval_perm = self._draw_fixed(n)
@@ -169,7 +169,7 @@ class GroupAttention(nn.Module):
         perm = self._permutation(N, x.device) if (recursive and groups > 1) else None
         # (B, N, 3 * C) -> three (B, heads, N, head_dim) views; channels are head-major
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = _group_attention().group_attention(q, k, v, groups, perm=perm, scale=self.scale,
+        out = _ops().group_attention(q, k, v, groups, perm=perm, scale=self.scale,
                                                  backend=self.attn_backend)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
