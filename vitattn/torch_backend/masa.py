@@ -57,9 +57,13 @@ def grid_attention_fwd(q, k, v, log_gamma, Y: int, X: int, scale: float):
         qb, kb, vb = q[z0:z1, m0:m1].to(acc), k[z0:z1].to(acc), v[z0:z1].to(acc)
         dist = (yy[m0:m1, None] - yy[None]).abs() + (xx[m0:m1, None] - xx[None]).abs()
         s = torch.baddbmm(lg[z0:z1, None, None] * dist, qb, kb.transpose(1, 2), alpha=scale)
-        m = torch.logsumexp(s, dim=-1)
-        out[z0:z1, m0:m1] = torch.bmm(torch.exp(s - m[..., None]), vb).to(q.dtype)
-        lse[z0:z1, m0:m1] = m
+        # normalise by the row sum, not by exp(-lse): lse ~ 1e4 carries a rounding error of
+        # ~1e-3 in fp32 that would mis-scale the output (and the backward's rowsum(dO * O))
+        mx = s.amax(dim=-1, keepdim=True)
+        e = torch.exp(s - mx)
+        l = e.sum(dim=-1, keepdim=True)
+        out[z0:z1, m0:m1] = (torch.bmm(e, vb) / l).to(q.dtype)
+        lse[z0:z1, m0:m1] = (mx + torch.log(l)).squeeze(-1)
     return out, lse
 
 
