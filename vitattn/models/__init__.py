@@ -31,7 +31,7 @@ def create_model(name: str, **kwargs):
         raise TypeError(f"create_model: name must be a string, got {type(name).__name__}")
     _load_all()
     if name not in _MODELS:
-        raise ValueError(f"create_model: unknown model {name!r}; available: {sorted(_MODELS)}")
+        raise ValueError(f"create_model: unknown model {name!r}; name must be one of {sorted(_MODELS)}")
     return _MODELS[name](**kwargs)
 
 
