@@ -31,6 +31,7 @@ class _Backend:
     name: str
     check: Check
     rank: int
+    impl: Any = None
 
 
 class Dispatcher:
@@ -40,11 +41,21 @@ class Dispatcher:
         self.known = tuple(known)
         self._backends: Dict[str, _Backend] = {}
 
-    def register(self, name: str, check: Check, rank: int) -> None:
-        """Register (or replace) a backend; lower rank is preferred by "auto"."""
+    def register(self, name: str, check: Check, rank: int, impl: Any = None) -> None:
+        """Register (or replace) a backend; lower rank is preferred by "auto".
+
+        impl is whatever the op calls once this backend is chosen (see each op module).
+        """
         if name not in self.known:
             raise ValueError(f"{self.op}: backend {name!r} is not one of {self.known}")
-        self._backends[name] = _Backend(name, check, rank)
+        self._backends[name] = _Backend(name, check, rank, impl)
+
+    def register_impl(self, name: str, impl: Any, check: Check, rank: int) -> None:
+        """register() in the argument order the op modules use: plug in a backend's implementation."""
+        self.register(name, check, rank, impl)
+
+    def impl(self, name: str) -> Any:
+        return self._backends[name].impl
 
     def _ordered(self) -> List[_Backend]:
         return sorted(self._backends.values(), key=lambda b: b.rank)

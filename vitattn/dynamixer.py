@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,12 +32,8 @@ class DynaMixerImpl:
     mix_bwd: Callable
 
 
-_IMPLS: Dict[str, DynaMixerImpl] = {}
-
-
-def register_impl(name: str, impl: DynaMixerImpl, check, rank: int) -> None:
-    _IMPLS[name] = impl
-    dispatcher.register(name, check, rank)
+# plugs a backend in: register_impl(name, impl, check, rank)
+register_impl = dispatcher.register_impl
 
 
 register_impl("torch", DynaMixerImpl(_tb.mix_fwd, _tb.mix_bwd), torch_reason, rank=100)
@@ -85,7 +81,7 @@ def _dynamixer_fwd_op(
     generate_bias: Optional[Tensor], segments: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r = _tb.compress_fwd(x, compress_weight, compress_bias)
-    y, lse = _IMPLS[backend].mix_fwd(x, r, generate_weight, generate_bias, segments)
+    y, lse = dispatcher.impl(backend).mix_fwd(x, r, generate_weight, generate_bias, segments)
     return y, r, lse
 
 
@@ -104,7 +100,7 @@ def _dynamixer_bwd_op(
     generate_bias: Optional[Tensor], r: Tensor, lse: Tensor, segments: int, need_compress_bias: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dxm, dr, dwg, dbg = _IMPLS[backend].mix_bwd(dy, x, r, generate_weight, generate_bias, lse, segments)
+    dxm, dr, dwg, dbg = dispatcher.impl(backend).mix_bwd(dy, x, r, generate_weight, generate_bias, lse, segments)
     dx, dwc, dbc = _tb.compress_bwd(x, dxm, dr, compress_weight, need_compress_bias)
     dbc = _empty(x) if dbc is None else dbc.to(compress_weight.dtype)
     dbg = _empty(x) if generate_bias is None else dbg.to(generate_bias.dtype)

@@ -4,7 +4,7 @@ the torch.library custom op."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,13 +32,8 @@ class GroupImpl:
     bwd: Callable
 
 
-_IMPLS: Dict[str, GroupImpl] = {}
-
-
-def register_impl(name: str, impl: GroupImpl, check, rank: int) -> None:
-    """Plug a backend into group attention's dispatch."""
-    _IMPLS[name] = impl
-    dispatcher.register(name, check, rank)
+# plugs a backend in: register_impl(name, impl, check, rank) (also used by vitattn._extension)
+register_impl = dispatcher.register_impl
 
 
 register_impl("torch", GroupImpl(_tb.group_attention_fwd, _tb.group_attention_bwd), torch_reason, rank=100)
@@ -74,7 +69,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _group_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, perm: Optional[Tensor], groups: int, scale: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
-    return _IMPLS[backend].fwd(q, k, v, perm, groups, scale)
+    return dispatcher.impl(backend).fwd(q, k, v, perm, groups, scale)
 
 
 @_group_fwd_op.register_fake
@@ -88,7 +83,7 @@ def _group_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, perm: Optional[Tensor],
     groups: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _IMPLS[backend].bwd(dout, q, k, v, out, lse, perm, groups, scale)
+    return dispatcher.impl(backend).bwd(dout, q, k, v, out, lse, perm, groups, scale)
 
 
 @_group_bwd_op.register_fake

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -53,13 +53,8 @@ class SinkhornImpl:
     ot_bwd: Callable
 
 
-_IMPLS: Dict[str, SinkhornImpl] = {}
-
-
-def register_impl(name: str, impl: SinkhornImpl, check, rank: int) -> None:
-    """Plug a backend into the dispatch of sinkhorn / ot_aggregate / ot_attention."""
-    _IMPLS[name] = impl
-    dispatcher.register(name, check, rank)
+# plugs a backend in: register_impl(name, impl, check, rank) (also used by vitattn._extension)
+register_impl = dispatcher.register_impl
 
 
 register_impl("torch", SinkhornImpl(_tb.sinkhorn_fwd, _tb.sinkhorn_bwd, _tb.ot_fwd, _tb.ot_bwd),
@@ -128,7 +123,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("vitattn::sinkhorn_fwd", mutates_args=())
 def _sk_fwd_op(S: Tensor, la: Tensor, lb: Tensor, eps: float, iters: int, backend: str) -> Tuple[Tensor, Tensor]:
-    return _IMPLS[backend].sk_fwd(S, la, lb, eps, iters)
+    return dispatcher.impl(backend).sk_fwd(S, la, lb, eps, iters)
 
 
 @_sk_fwd_op.register_fake
@@ -140,7 +135,7 @@ def _(S, la, lb, eps, iters, backend):
 @torch.library.custom_op("vitattn::sinkhorn_bwd", mutates_args=())
 def _sk_bwd_op(dP: Tensor, S: Tensor, la: Tensor, lb: Tensor, G: Tensor, eps: float,
                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dS, dla, dlb = _IMPLS[backend].sk_bwd(dP, S, la, lb, G, eps)
+    dS, dla, dlb = dispatcher.impl(backend).sk_bwd(dP, S, la, lb, G, eps)
     return dS, dla.to(la.dtype), dlb.to(lb.dtype)
 
 
@@ -171,7 +166,7 @@ torch.library.register_autograd("vitattn::sinkhorn_fwd", _sk_backward, setup_con
 @torch.library.custom_op("vitattn::sinkhorn_ot_fwd", mutates_args=())
 def _ot_fwd_op(x: Tensor, ref: Tensor, v: Tensor, pos_filter: Optional[Tensor], eps: float, iters: int,
                attention: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return _IMPLS[backend].ot_fwd(x, ref, v, pos_filter, eps, iters, attention)
+    return dispatcher.impl(backend).ot_fwd(x, ref, v, pos_filter, eps, iters, attention)
 
 
 @_ot_fwd_op.register_fake
@@ -187,7 +182,7 @@ def _(x, ref, v, pos_filter, eps, iters, attention, backend):
 @torch.library.custom_op("vitattn::sinkhorn_ot_bwd", mutates_args=())
 def _ot_bwd_op(dout: Tensor, x: Tensor, ref: Tensor, v: Tensor, pos_filter: Optional[Tensor], zeta: Tensor,
                G: Tensor, eps: float, attention: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return _IMPLS[backend].ot_bwd(dout, x, ref, v, pos_filter, zeta, G, eps, attention)
+    return dispatcher.impl(backend).ot_bwd(dout, x, ref, v, pos_filter, zeta, G, eps, attention)
 
 
 @_ot_bwd_op.register_fake
