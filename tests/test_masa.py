@@ -387,3 +387,13 @@ def test_bad_input(name, change, exc, arg):
     kw.update(change(q, k, v))
     with pytest.raises(exc, match=arg):
         vitattn.masa(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("gamma"), **kw)
+
+
+def test_autocast_accepts_mixed_input_dtypes():
+    q, k, v, gamma = make(1, 2, 3, 4, 8, 8, dtype=torch.float32)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        out = vitattn.masa(q.to(torch.bfloat16), k, v.double(), gamma, backend="torch")
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref64(q.to(torch.bfloat16), k, v, gamma), torch.bfloat16, "out")
+    with torch.autocast(DEV, dtype=torch.bfloat16), pytest.raises(TypeError, match="q"):
+        vitattn.masa(q.long(), k, v, gamma, backend="torch")

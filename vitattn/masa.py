@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,13 +33,8 @@ class MasaImpl:
     bwd: Callable
 
 
-_IMPLS: Dict[str, MasaImpl] = {}
-
-
-def register_impl(name: str, impl: MasaImpl, check, rank: int) -> None:
-    """Plug a backend into MaSA's dispatch (used by the Triton module and the compiled extension)."""
-    _IMPLS[name] = impl
-    dispatcher.register(name, check, rank)
+# plugs a backend in: register_impl(name, impl, check, rank) (also used by vitattn._extension)
+register_impl = dispatcher.register_impl
 
 
 def _torch_fwd(q, k, v, log_gamma, scale, axis):
@@ -123,7 +118,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _masa_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, scale: float, decomposed: bool, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _IMPLS[backend]
+    impl = dispatcher.impl(backend)
     if not decomposed:
         out, lse = impl.fwd(q, k, v, log_gamma, scale, None)
         return out, _empty(out), lse, _empty(lse)
@@ -147,7 +142,7 @@ def _masa_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, out: Tensor, v_mid: Tensor,
     lse_w: Tensor, lse_h: Tensor, scale: float, decomposed: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _IMPLS[backend]
+    impl = dispatcher.impl(backend)
     if not decomposed:
         dq, dk, dv, dlg = impl.bwd(dout, q, k, v, out, lse_w, log_gamma, scale, None)
         return dq, dk, dv, dlg.to(log_gamma.dtype)
@@ -191,7 +186,8 @@ def _autocast(*tensors: Tensor):
     dev = tensors[0].device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
-        return tuple(t.to(low) for t in tensors)
+        # only floating tensors: an integer input must still be rejected by validation
+        return tuple(t.to(low) if t.is_floating_point() else t for t in tensors)
     return tensors
 
 
@@ -258,11 +254,12 @@ def masa(q: Tensor, k: Tensor, v: Tensor, gamma, *, decomposed: bool = False,
     backend: "auto", "cuda", "triton", "cpu" or "torch". Under autocast the op runs in
     the autocast dtype (fp32 accumulation inside). Returns (B, heads, H, W, dv) in q's dtype.
     """
+    if all(isinstance(t, Tensor) for t in (q, k, v)):
+        q, k, v = _autocast(q, k, v)  # first: under autocast, mixed input dtypes are expected
     _validate(q, k, v)
     if not isinstance(decomposed, bool):
         raise TypeError(f"{OP}: decomposed must be a bool, got {type(decomposed).__name__}")
     scale = V.scale_arg(OP, scale, q.shape[-1])
-    q, k, v = _autocast(q, k, v)
     log_gamma = _gamma_to_log(gamma, q.shape[1], q)
     name = dispatcher.choose(backend, _context(q, k, v, decomposed))
     out = torch.ops.vitattn.masa_fwd(q, k, v, log_gamma, scale, decomposed, name)[0]
