@@ -26,7 +26,7 @@ from vitattn.reference.masa import axis_distance, manhattan_distance  # noqa: E4
 from benchmarks.common import peak_memory_mb, time_fn, write_results  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COLUMNS = ["form", "B", "heads", "H", "W", "d", "dtype", "method", "fwd_ms", "fwd_bwd_ms", "peak_mib", "note"]
+COLUMNS = ["form", "B", "heads", "H", "W", "N", "d", "dtype", "method", "fwd_ms", "fwd_bwd_ms", "peak_mib", "note"]
 
 
 def cases(quick: bool, device: torch.device) -> List[Dict]:
@@ -162,7 +162,7 @@ def run(quick: bool = True, device: Optional[torch.device] = None, dtype: Option
         for name, fn in methods(case, device, dtype).items():
             if progress:
                 progress(f"masa {case['form']} {H}x{W} {name}")
-            row = dict(case, dtype=str(dtype).replace("torch.", ""), method=name, note="")
+            row = dict(case, N=H * W, dtype=str(dtype).replace("torch.", ""), method=name, note="")
             qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
 
             def fwd():
