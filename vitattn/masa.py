@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -215,8 +216,6 @@ def _gamma_to_log(gamma, heads: int, ref: Tensor) -> Tensor:
     g = float(gamma)
     if not (0.0 < g <= 1.0):
         raise ValueError(f"{OP}: gamma must lie in (0, 1], got {g}")
-    import math
-
     return torch.full((heads,), math.log(g), device=ref.device, dtype=_acc_dtype(ref.dtype))
 
 
