@@ -15,7 +15,6 @@ parameters excluded, divided by the input's bytes; eager only), speedup (fwd+bwd
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_mb, time_fn, write_results  # noqa: E402
+from common import cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
 
 import vitattn  # noqa: E402,F401
 from vitattn.dynamixer import dynamixer  # noqa: E402
@@ -65,25 +64,6 @@ def vitattn_axis(grid, wc, bc, wg, bg, S: int, axis: str, backend: str):
     if axis == "w":
         return dynamixer(grid, wc, bc, wg, bg, S, backend=backend)
     return dynamixer(grid.transpose(1, 2), wc, bc, wg, bg, S, backend=backend).transpose(1, 2)
-
-
-def saved_bytes(fn, params) -> int:
-    """Bytes of the distinct activation storages autograd saves for backward during fn().
-
-    Parameters are left out: they are kept whether or not anything is saved.
-    """
-    skip = {q.untyped_storage().data_ptr() for q in params}
-    storages: Dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def _inputs(L, C, S, d, batch, dtype, device):
@@ -155,14 +135,7 @@ def run(quick: bool, device) -> List[Dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small batch, few repeats (CPU-friendly)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out-dir", default=None, help="where to write bench_dynamixer.{md,json}")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    cmd = "python benchmarks/bench_dynamixer.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
-    print(write_results("bench_dynamixer", rows, COLUMNS, torch.device(args.device), cmd, args.out_dir))
+    cli("bench_dynamixer", run, COLUMNS, __doc__, quick_help="small batch, few repeats (CPU-friendly)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ vs_sret and vs_sdpa (fwd+bwd speedup over those rows of the same shape).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_mb, time_fn, write_results  # noqa: E402
+from common import cli, peak_memory_mb, time_fn  # noqa: E402
 
 import importlib  # noqa: E402
 
@@ -138,14 +137,7 @@ def run(quick: bool, device) -> List[Dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small batch, few repeats (CPU-friendly)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out-dir", default=None, help="where to write bench_group_attention.{md,json}")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    cmd = "python benchmarks/bench_group_attention.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
-    print(write_results("bench_group_attention", rows, COLUMNS, torch.device(args.device), cmd, args.out_dir))
+    cli("bench_group_attention", run, COLUMNS, __doc__, quick_help="small batch, few repeats (CPU-friendly)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ forward+backward (MiB). Writes benchmarks/results/bench_masa.{md,json}.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vitattn  # noqa: E402
 from vitattn.masa import dispatcher as masa_dispatcher  # noqa: E402
 from vitattn.reference.masa import axis_distance, manhattan_distance  # noqa: E402
-from benchmarks.common import peak_memory_mb, time_fn, write_results  # noqa: E402
+from benchmarks.common import cli, peak_memory_mb, time_fn  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["form", "B", "heads", "H", "W", "N", "d", "dtype", "method", "fwd_ms", "fwd_bwd_ms", "peak_mib", "note"]
@@ -186,17 +185,9 @@ def run(quick: bool = True, device: Optional[torch.device] = None, dtype: Option
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    ap.add_argument("--out-dir", default=None)
-    args = ap.parse_args(argv)
-    device = torch.device(args.device) if args.device else None
-    rows = run(args.quick, device, DTYPES.get(args.dtype), progress=lambda s: print(s, file=sys.stderr))
-    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cmd = "python benchmarks/bench_masa.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_results("bench_masa", rows, COLUMNS, dev, cmd.strip(), args.out_dir))
+    cli("bench_masa", run, COLUMNS, __doc__, argv=argv,
+        options=lambda ap: ap.add_argument("--dtype", default=None, choices=sorted(DTYPES)),
+        run_kwargs=lambda args: dict(dtype=DTYPES.get(args.dtype), progress=lambda s: print(s, file=sys.stderr)))
 
 
 if __name__ == "__main__":

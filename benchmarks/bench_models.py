@@ -25,7 +25,6 @@ same code, and their ratio shows the measurement noise.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from contextlib import nullcontext
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_mb, time_fn, write_results  # noqa: E402
+from common import cli, peak_memory_mb, time_fn  # noqa: E402
 
 import vitattn.models as models  # noqa: E402
 
@@ -221,35 +220,22 @@ def goals_report(rows: List[Dict], device: torch.device) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="rmt_t only, tiny batch, few repeats")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def _options(ap) -> None:
     ap.add_argument("--models", nargs="*", default=None, help="model names (default: every registered model)")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (after 1 warmup)")
-    ap.add_argument("--out-dir", default=None, help="where to write bench_models.{md,json}")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    rows = run(args.quick, device, args.models, args.batch, args.res, args.repeats)
-    cmd = "python benchmarks/bench_models.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
-    if args.models:
-        cmd += " --models " + " ".join(args.models)
-    if args.batch:
-        cmd += f" --batch {args.batch}"
-    if args.res != 224:
-        cmd += f" --res {args.res}"
-    if args.repeats:
-        cmd += f" --repeats {args.repeats}"
-    md = write_results("bench_models", rows, COLUMNS, device, cmd, args.out_dir)
+
+
+def _goals_section(rows: List[Dict], device: torch.device) -> str:
     goals = goals_report(rows, device)
-    if goals:
-        with open(os.path.join(args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                               "bench_models.md"), "a") as f:
-            f.write("\n## Goals\n\n" + goals + "\n")
-        md += "\n## Goals\n\n" + goals + "\n"
-    print(md)
+    return "\n## Goals\n\n" + goals + "\n" if goals else ""
+
+
+def main() -> None:
+    cli("bench_models", run, COLUMNS, __doc__, quick_help="rmt_t only, tiny batch, few repeats", options=_options,
+        run_kwargs=lambda a: dict(model_names=a.models, batch=a.batch, res=a.res, repeats=a.repeats),
+        appendix=_goals_section)
 
 
 if __name__ == "__main__":

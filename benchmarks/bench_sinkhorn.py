@@ -17,7 +17,6 @@ keeps for backward, the inputs excluded). A reference that runs out of memory ge
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -25,7 +24,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_mb, time_fn, write_results  # noqa: E402
+from common import cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
 
 import importlib  # noqa: E402
 
@@ -40,18 +39,7 @@ HEADS = 8
 
 def saved_mib(fn, inputs) -> float:
     """MiB of the distinct storages autograd saves during fn(), the inputs' own storages excluded."""
-    skip = {t.untyped_storage().data_ptr() for t in inputs}
-    storages: Dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()) / 2**20
+    return saved_bytes(fn, inputs) / 2**20
 
 
 def _grid(quick: bool, on_gpu: bool):
@@ -134,14 +122,7 @@ def run(quick: bool, device) -> List[Dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few small shapes, few repeats (CPU-friendly)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out-dir", default=None, help="where to write bench_sinkhorn.{md,json}")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    cmd = "python benchmarks/bench_sinkhorn.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
-    print(write_results("bench_sinkhorn", rows, COLUMNS, torch.device(args.device), cmd, args.out_dir))
+    cli("bench_sinkhorn", run, COLUMNS, __doc__, quick_help="a few small shapes, few repeats (CPU-friendly)")
 
 
 if __name__ == "__main__":

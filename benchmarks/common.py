@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -135,3 +136,65 @@ def write_results(name: str, rows: List[Dict], columns: List[str], device: torch
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(md)
     return md
+
+
+def saved_bytes(fn: Callable[[], object], skip: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward during fn().
+
+    The storages of ``skip`` (inputs, parameters) are left out: they are kept whether or not
+    anything is saved.
+    """
+    skipped = {t.untyped_storage().data_ptr() for t in skip}
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skipped:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def cli(name: str, run: Callable[..., List[Dict]], columns: List[str], description: Optional[str], *,
+        quick_help: Optional[str] = None, options: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+        run_kwargs: Optional[Callable[[argparse.Namespace], Dict]] = None,
+        appendix: Optional[Callable[[List[Dict], torch.device], str]] = None,
+        argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    """The ``__main__`` of benchmarks/<name>.py: parse --quick / --device / --out-dir (and the
+    script's own flags, added by ``options``), call ``run(quick, device, **run_kwargs(args))``,
+    write <name>.{md,json} with the command that reproduces the run, and print the markdown.
+
+    ``appendix(rows, device)`` may return a markdown section added to the .md and the printout.
+    """
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    own = len(ap._actions)
+    if options is not None:
+        options(ap)
+    extra = ap._actions[own:]  # the script's own flags, echoed in the command when not default
+    ap.add_argument("--out-dir", default=None, help=f"where to write {name}.{{md,json}}")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(args.quick, device, **(run_kwargs(args) if run_kwargs else {}))
+    cmd = f"python benchmarks/{name}.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
+    for action in extra:
+        value = getattr(args, action.dest)
+        if value is None or value == action.default or value == []:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            cmd += f" {flag}"
+        else:
+            cmd += f" {flag} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+    md = write_results(name, rows, columns, device, cmd, args.out_dir)
+    section = appendix(rows, device) if appendix else ""
+    if section:
+        with open(os.path.join(args.out_dir or RESULTS_DIR, f"{name}.md"), "a") as f:
+            f.write(section)
+        md += section
+    print(md)
+    return rows
