@@ -317,3 +317,45 @@ def masa_bwd(dout, q, k, v, out, lse, log_gamma, scale: float, axis: Optional[st
     )
     dlg = dlg_part.view(B, HEADS, R * num_m).sum(dim=(0, 2))
     return dq, dk, dv, dlg
+
+
+# ---------------------------------------------------------------- offline compile check
+
+_FP32_PTRS = {"LSE", "LG", "DELTA", "DLG"}  # statistics: fp32 for every input dtype but fp64
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"}
+
+
+def compile_offline(D: int, DV: int, dtype: torch.dtype, N: int = 3136, arch: int = 90):
+    """Compile the three kernels for NVIDIA sm_<arch> without a GPU; {kernel: shared memory bytes}.
+
+    The interpreter runs the kernels' Python, not the compiler: this lowers them to a cubin at
+    the launch configuration masa_fwd/masa_bwd would use, so a construct that only the real
+    compiler rejects shows up on a CPU-only machine. Needs the kernels defined without
+    TRITON_INTERPRET.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    meta, warps = _config(N, D, DV, dtype)
+    out = {}
+    for fn in (_masa_fwd_kernel, _masa_bwd_dkdv_kernel, _masa_bwd_dq_kernel):
+        kernel = getattr(fn, "fn", fn)
+        sig, consts = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in meta:
+                sig[a] = "constexpr"
+                consts[(i,)] = meta[a]
+            elif a == "scale":
+                sig[a] = "fp32"
+            elif a in _FP32_PTRS:
+                sig[a] = "*fp32"
+            elif a in _DATA_PTRS:
+                sig[a] = f"*{names[dtype]}"
+            else:
+                sig[a] = "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
+        out[kernel.__name__] = compiled.metadata.shared
+    return out
