@@ -14,17 +14,10 @@ from torch import nn
 import vitattn.models as models
 from vitattn.models import _common as common
 
+from _models_util import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
+
 EXPECTED = {"rmt_t", "rmt_s", "rmt_b", "rmt_l", "sret_t", "sret_lt", "sret_s", "dynamixer_s", "dynamixer_m",
             "dynamixer_l", "setformer_mini", "setformer_tiny", "setformer_small", "setformer_base"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the CPU is shared and oversubscribed OpenMP threads are several times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------- registry

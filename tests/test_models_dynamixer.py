@@ -2,7 +2,6 @@
 against an independent functional forward written from the official code's structure,
 backends, checkpoints, torch.compile, bad input."""
 
-import json
 import os
 
 import pytest
@@ -13,6 +12,10 @@ from vitattn import models
 import vitattn.models.dynamixer as D
 
 from _util import TRITON_DEVICE
+from _models_util import (assert_every_param_has_finite_nonzero_grad, assert_official_layout, assert_registered,
+                          bf16_autocast_error, check_compiled_training_grads, check_fused_matches_reference_model,
+                          check_loads_exactly, check_noncontiguous_and_channels_last_inputs, image,
+                          jitter_parameters, one_thread)  # noqa: F401 (one_thread: autouse fixture)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "dynamixer_official_state_dict.json")
 PARAMS = {"dynamixer_s": 26_265_960, "dynamixer_m": 57_128_264, "dynamixer_l": 97_818_088}
@@ -25,26 +28,12 @@ TOY = dict(layers=(1, 2, 1, 1), img_size=SMALL, patch_size=7, embed_dims=(16, 32
            mlp_ratios=(3, 2, 3, 2), num_classes=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small shapes on a shared 2-core machine: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize(model, seed=0):
     """Non-trivial weights everywhere (biases, norms, reweighting), not the init values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.05 if p.dim() < 2 else 0.03))
+        jitter_parameters(model, g, 0.05, 0.03)
     return model
-
-
-def _image(b, size, seed=1):
-    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------- official structure
@@ -54,18 +43,11 @@ def _image(b, size, seed=1):
 def test_param_count_and_state_dict_match_official(name):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = getattr(D, name)()
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
-    want = json.load(open(DATA))["models"][name]
-    assert want["params"] == PARAMS[name]
-    got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    assert got == [(k, v) for k, v in want["state_dict"].items()]
+    assert_official_layout(model, DATA, name, PARAMS[name])
 
 
 def test_registered():
-    from vitattn.models._registry import _MODELS
-
-    for n in PARAMS:
-        assert _MODELS[n] is getattr(D, n)
+    assert_registered(D, PARAMS)
 
 
 def test_create_model():
@@ -138,7 +120,7 @@ def _functional_dynamixer(sd, cfg, x):
 
 def test_eval_matches_functional_official_structure_small_s():
     model = _randomize(D.dynamixer_s(img_size=SMALL)).eval()
-    x = _image(2, SMALL)
+    x = image(2, SMALL)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _functional_dynamixer(model.state_dict(), D._CFGS["dynamixer_s"], x),
                                    atol=1e-5, rtol=1e-4)
@@ -153,7 +135,7 @@ def test_eval_matches_functional_toy(dtype):
                                                          "Sequential", "Downsample", "Sequential"]
     assert [mods[f"network.{i}.proj"].stride for i in (1, 3, 5)] == [(1, 1), (2, 2), (1, 1)]
     assert model.network[0][0].attn.mix_h.compress.weight.shape == (4 * 8, 16)  # reduced_dim 8
-    x = _image(2, SMALL).to(dtype)
+    x = image(2, SMALL).to(dtype)
     with torch.no_grad():
         got, want = model(x), _functional_dynamixer(model.state_dict(), TOY, x)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
@@ -176,13 +158,11 @@ def test_dynamixer_l_block_uses_reduced_dim_8():
 def test_forward_backward_224():
     # the official mixing matrices are sized for 224x224 inputs (32 and 16 tokens per side)
     model = D.dynamixer_s(attn_backend="torch")
-    x = _image(1, 224)
+    x = image(1, 224)
     out = model(x)
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     out.square().mean().backward()
-    for n, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), n
-        assert p.grad.abs().max() > 0, n
+    assert_every_param_has_finite_nonzero_grad(model)
 
 
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the Triton interpreter is needed to run the fused path on CPU")
@@ -190,17 +170,7 @@ def test_fused_triton_matches_torch_backend_values_and_grads():
     model = _randomize(D.DynaMixer(**TOY, attn_backend="torch")).eval()
     fused = D.DynaMixer(**TOY, attn_backend="triton").eval()
     fused.load_state_dict(model.state_dict())
-    x = _image(2, SMALL)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = model(x1), fused(x2)
-    torch.testing.assert_close(y2, y1, atol=2e-4, rtol=2e-4)
-    g = torch.randn_like(y1)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    torch.testing.assert_close(x2.grad, x1.grad, atol=2e-4, rtol=2e-3)
-    p1 = dict(model.named_parameters())
-    for n, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, p1[n].grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{n}: {m}")
+    check_fused_matches_reference_model(model, fused, image(2, SMALL))
 
 
 def test_attn_backend_is_passed_to_every_mixer(monkeypatch):
@@ -216,7 +186,7 @@ def test_attn_backend_is_passed_to_every_mixer(monkeypatch):
     monkeypatch.setattr(ND, "dynamixer", spy)
     model = D.DynaMixer(**TOY, attn_backend="torch").eval()
     with torch.no_grad():
-        model(_image(1, SMALL))
+        model(image(1, SMALL))
     # 5 blocks, a column pass and a row pass each; 8 tokens per side in the first 3 blocks,
     # 4 after the transition
     assert seen == [(8, "torch")] * 6 + [(4, "torch")] * 4
@@ -224,32 +194,17 @@ def test_attn_backend_is_passed_to_every_mixer(monkeypatch):
 
 def test_noncontiguous_and_channels_last_inputs():
     model = _randomize(D.DynaMixer(**TOY)).eval()
-    x = _image(2, SMALL)
-    with torch.no_grad():
-        want = model(x)
-        strided = torch.randn(2, 3, SMALL, 2 * SMALL)[..., ::2]
-        strided.copy_(x)
-        torch.testing.assert_close(model(strided), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=1e-5)
-        cl = D.DynaMixer(**TOY).to(memory_format=torch.channels_last).eval()
-        cl.load_state_dict(model.state_dict())
-        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=1e-5)
+    check_noncontiguous_and_channels_last_inputs(model, lambda: D.DynaMixer(**TOY), image(2, SMALL))
 
 
 def test_cpu_autocast_bf16():
     model = _randomize(D.DynaMixer(**TOY, attn_backend="torch")).eval()
-    x = _image(2, SMALL)
-    with torch.no_grad():
-        want = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = model(x)
-    assert got.dtype == torch.bfloat16
-    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+    assert bf16_autocast_error(model, image(2, SMALL)) <= 0.05
 
 
 def test_drop_path_only_in_training():
     model = _randomize(D.DynaMixer(**TOY, drop_path_rate=0.5))
-    x = _image(4, SMALL)
+    x = image(4, SMALL)
     model.eval()
     with torch.no_grad():
         a, b = model(x), model(x)
@@ -266,17 +221,14 @@ def test_drop_path_only_in_training():
 
 def test_strict_load_of_saved_state_dict(tmp_path):
     model = _randomize(D.dynamixer_s(img_size=SMALL)).eval()
-    x = _image(2, SMALL)
+    x = image(2, SMALL)
     with torch.no_grad():
         want = model(x)
     plain = tmp_path / "plain.pth"
     torch.save(model.state_dict(), plain)
     nested = tmp_path / "timm_layout.pth"  # the official (timm) training script nests under "state_dict"
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3}, nested)
-    for path in (plain, nested):
-        loaded = D.dynamixer_s(img_size=SMALL, pretrained=path).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(x), want, atol=0, rtol=0)
+    check_loads_exactly(lambda path: D.dynamixer_s(img_size=SMALL, pretrained=path), (plain, nested), x, want)
     sd = model.state_dict()
     sd.pop("norm.weight")
     torch.save(sd, tmp_path / "missing.pth")
@@ -297,15 +249,7 @@ def test_block_under_torch_compile(backend):
     compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), blk(x), atol=1e-5, rtol=1e-5)
-    blk.train()
-    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    compiled(xc).square().sum().backward()
-    gc = {n: p.grad.clone() for n, p in blk.named_parameters()}
-    blk.zero_grad()
-    blk(xe).square().sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad, atol=1e-4, rtol=1e-4)
-    for n, p in blk.named_parameters():
-        torch.testing.assert_close(gc[n], p.grad, atol=1e-4, rtol=1e-4)
+    check_compiled_training_grads(compiled, blk, x)
 
 
 # ---------------------------------------------------------------- bad input

@@ -15,8 +15,12 @@ import vitattn.models._common
 import vitattn.models.rmt as rmt
 
 from _util import TRITON_DEVICE
+from _models_util import (DEV, assert_every_param_has_finite_nonzero_grad, bf16_autocast_error,
+                          check_channels_last_and_strided_inputs, check_checkpointing_same_grads,
+                          check_compiled_block, check_drop_path_in_training_only,
+                          check_eval_determinism_and_batch_independence, check_export, check_strict_round_trip,
+                          images, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse fixture)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 try:  # registers the compiled "cpu"/"cuda" MaSA backends where the extension is built
     import vitattn._extension  # noqa: F401
 except ImportError:
@@ -39,16 +43,6 @@ DATA = os.path.join(os.path.dirname(__file__), "data", "rmt_official_state_dict.
 COUNTS = {"rmt_t": 14_334_216, "rmt_s": 26_967_240, "rmt_b": 54_154_896, "rmt_l": 95_464_864}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the 2 CPU cores are shared by several test runs, and oversubscribed
-    OpenMP threads make these small-tensor tests several times slower (measured 5x)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg():
     return dict(embed_dims=[16, 32, 32, 32], depths=[1, 1, 2, 1], num_heads=[2, 2, 2, 2],
                init_values=[2, 2, 2, 2], heads_ranges=[4, 4, 6, 6], mlp_ratios=[2, 2, 2, 2],
@@ -66,18 +60,11 @@ def randomize_norms(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            randomize_batchnorm(m, g)
         for name, p in model.named_parameters():
             if "gamma_" in name:
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
     return model
-
-
-def images(B, H, W, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 3, H, W, generator=g, dtype=torch.float64).to(device=DEV, dtype=dtype)
 
 
 # ---------------------------------------------------------------- official layout
@@ -235,83 +222,37 @@ def test_rmt_t_forward_backward_224():
     assert out.shape == (2, 1000) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     out.float().logsumexp(-1).sum().backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name  # every parameter takes part
+    assert_every_param_has_finite_nonzero_grad(model)
 
 
 def test_eval_determinism_and_batch_independence():
     torch.manual_seed(6)
     model = randomize_norms(tiny()).to(DEV).eval()
-    x = images(3, 32, 64)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        a, b = model(x), model(x)
-        single = model(x[1:2])
-    assert torch.equal(a, b)
-    torch.testing.assert_close(single, a[1:2], atol=1e-5, rtol=1e-5)
-    # eval mode leaves every buffer (BatchNorm statistics included) alone
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    check_eval_determinism_and_batch_independence(model, images(3, 32, 64))
 
 
 def test_drop_path_active_in_training_only():
     torch.manual_seed(7)
     model = tiny(drop_path_rate=0.5).to(DEV)
-    x = images(4, 32, 32)
-    model.train()
-    torch.manual_seed(0)
-    a = model(x)
-    torch.manual_seed(1)
-    b = model(x)
-    assert not torch.allclose(a, b)  # stochastic depth draws differ
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(x), model(x))
+    check_drop_path_in_training_only(model, images(4, 32, 32))
 
 
 def test_channels_last_and_strided_inputs():
     torch.manual_seed(8)
-    model = randomize_norms(tiny()).to(DEV).eval()
-    x = images(2, 32, 64)
-    with torch.no_grad():
-        want = model(x)
-        got_cl = model(x.to(memory_format=torch.channels_last))
-        big = images(2, 64, 64, seed=1)
-        big[:, :, ::2] = x
-        got_strided = model(big[:, :, ::2])
-        model_cl = model.to(memory_format=torch.channels_last)
-        got_model_cl = model_cl(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(got_cl, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_strided, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_model_cl, want, atol=1e-5, rtol=1e-5)
+    check_channels_last_and_strided_inputs(randomize_norms(tiny()).to(DEV).eval())
 
 
 def test_autocast_bf16_cpu():
     torch.manual_seed(9)
     model = randomize_norms(tiny(attn_backend="torch")).eval()
-    x = images(2, 32, 64).cpu()
-    with torch.no_grad():
-        want = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = model(x)
-    assert got.dtype == torch.bfloat16
-    err = (got.float() - want).abs().max() / want.abs().max()
+    err = bf16_autocast_error(model, images(2, 32, 64).cpu())
     assert err < 5e-2, err  # bf16 has 8 mantissa bits; a wiring error gives O(1)
 
 
 def test_gradient_checkpointing_same_grads():
     torch.manual_seed(10)
     model = tiny().to(DEV).double()
-    x = images(1, 32, 64, torch.float64)
-    model(x).sum().backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    for layer in model.layers:
-        layer.use_checkpoint = True
-    model(x).sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want[n], atol=1e-10, rtol=1e-9, msg=lambda m: f"{n}: {m}")
+    check_checkpointing_same_grads(model, images(1, 32, 64, torch.float64), model.layers)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -320,15 +261,10 @@ def test_gradient_checkpointing_same_grads():
 def test_strict_load_of_saved_state_dict(tmp_path):
     torch.manual_seed(11)
     src = randomize_norms(rmt.rmt_t(num_classes=10)).eval()
-    sd = src.state_dict()
-    torch.save({"model": sd, "epoch": 3}, tmp_path / "rmt_t.pth")  # official training-script layout
+    torch.save({"model": src.state_dict(), "epoch": 3}, tmp_path / "rmt_t.pth")  # official training-script layout
     torch.manual_seed(12)
-    dst = rmt.rmt_t(num_classes=10, pretrained=str(tmp_path / "rmt_t.pth")).eval()
-    for k, v in dst.state_dict().items():
-        assert torch.equal(v, sd[k]), k
-    x = images(1, 64, 64).cpu()
-    with torch.no_grad():
-        assert torch.equal(dst(x), src(x))
+    check_strict_round_trip(src, lambda: rmt.rmt_t(num_classes=10, pretrained=str(tmp_path / "rmt_t.pth")),
+                            images(1, 64, 64).cpu())
 
 
 def test_checkpoint_variants_and_strictness(tmp_path):
@@ -366,23 +302,14 @@ def test_block_under_torch_compile():
     blk = rmt.RetBlock("chunk", 32, 2, 64, layerscale=True, layer_init_values=0.5, attn_backend="torch").to(DEV)
     relpos = rmt.RetNetRelPos2d(32, 2, 2, 4).to(DEV)
     x = torch.randn(2, 6, 10, 32, device=DEV, requires_grad=True)
-    want = blk(x, relpos(6, 10))
-    gx_want, = torch.autograd.grad(want.sum(), x)
-    torch._dynamo.reset()
-    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
-    got = compiled(x, relpos(6, 10))
-    gx, = torch.autograd.grad(got.sum(), x)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx, gx_want, atol=1e-5, rtol=1e-5)
+    check_compiled_block(blk, x, relpos(6, 10))
 
 
 def test_whole_model_export():
     torch.manual_seed(14)
     model = tiny(attn_backend="torch").eval()
     x = images(1, 64, 64).cpu()
-    ep = torch.export.export(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
+    check_export(model, x)
 
 
 # ---------------------------------------------------------------- bad input

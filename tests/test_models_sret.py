@@ -2,7 +2,6 @@
 independent functional forward written from the official code's structure, backends,
 permutation switches, checkpoints, torch.compile, bad input."""
 
-import json
 import os
 
 import pytest
@@ -15,36 +14,24 @@ from vitattn.group_attention import random_permutation
 import vitattn.models.sret as S
 
 from _util import TRITON_DEVICE
+from _models_util import (assert_every_param_has_finite_nonzero_grad, assert_official_layout, assert_registered,
+                          bf16_autocast_error, check_compiled_training_grads, check_fused_matches_reference_model,
+                          check_loads_exactly, check_noncontiguous_and_channels_last_inputs, image,
+                          jitter_parameters, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "sret_official_state_dict.json")
 PARAMS = {"sret_t": 4_755_979, "sret_lt": 4_988_024, "sret_s": 20_899_692}
 SMALL = 64  # smallest convenient image size whose token counts divide the official groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small shapes on a shared 2-core machine: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize(model, seed=0):
     """Non-trivial weights everywhere (coefficients, norms, BN statistics), not the init values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+        jitter_parameters(model, g, 0.05, 0.05)
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            randomize_batchnorm(m, g)
     return model
-
-
-def _image(b, size, seed=1):
-    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------- official structure
@@ -55,18 +42,11 @@ def test_param_count_and_state_dict_match_official(name):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = getattr(S, name)()
     # shared blocks appear twice in the module tree; parameters() counts them once, as officially
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
-    want = json.load(open(DATA))["models"][name]
-    assert want["params"] == PARAMS[name]
-    got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    assert got == [(k, v) for k, v in want["state_dict"].items()]
+    assert_official_layout(model, DATA, name, PARAMS[name])
 
 
 def test_registered():
-    from vitattn.models._registry import _MODELS
-
-    for n in PARAMS:
-        assert _MODELS[n] is getattr(S, n)
+    assert_registered(S, PARAMS)
 
 
 def test_create_model():
@@ -150,7 +130,7 @@ def _functional_sret(sd, cfg, x, perm_of):
 def test_eval_matches_functional_official_structure(name):
     model = _randomize(getattr(S, name)(img_size=SMALL)).eval()
     cfg = S._CFGS[name]
-    x = _image(2, SMALL)
+    x = image(2, SMALL)
     with torch.no_grad():
         got = model(x)
         fixed = lambda s, i: model.transformers[s].blocks[i].attn.eval_perm
@@ -170,7 +150,7 @@ def test_training_matches_functional_with_seeded_permutations():
     for m in model.modules():  # BN on running statistics so the functional forward can match
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
-    x = _image(2, SMALL)
+    x = image(2, SMALL)
     model.seed_permutations(123)
     got = model(x)
     # the same draws in the same order: one per recursive pass of a shared block with groups2 > 1
@@ -202,13 +182,11 @@ def test_training_matches_functional_with_seeded_permutations():
 def test_forward_backward_224():
     # the official models need 224x224 (the position embedding is 28x28)
     model = S.sret_t(attn_backend="torch")
-    x = _image(1, 224)
+    x = image(1, 224)
     out = model(x)
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     out.square().mean().backward()
-    for n, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), n
-        assert p.grad.abs().max() > 0, n  # every parameter takes part, coefficients included
+    assert_every_param_has_finite_nonzero_grad(model)  # coefficients included
 
 
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the Triton interpreter is needed to run the fused path on CPU")
@@ -220,17 +198,7 @@ def test_fused_triton_matches_torch_backend_values_and_grads():
         if isinstance(m, S.GroupAttention) and m.eval_perm is not None:
             assert m.eval_perm.numel() == SMALL * SMALL // 64
     model.attn_backend = "torch"
-    x = _image(2, SMALL)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = model(x1), fused(x2)
-    torch.testing.assert_close(y2, y1, atol=2e-4, rtol=2e-4)
-    g = torch.randn_like(y1)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    torch.testing.assert_close(x2.grad, x1.grad, atol=2e-4, rtol=2e-3)
-    p1 = dict(model.named_parameters())
-    for n, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, p1[n].grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{n}: {m}")
+    check_fused_matches_reference_model(model, fused, image(2, SMALL))
 
 
 def test_attn_backend_is_passed_to_every_attention(monkeypatch):
@@ -246,7 +214,7 @@ def test_attn_backend_is_passed_to_every_attention(monkeypatch):
     monkeypatch.setattr(ga, "group_attention", spy)
     model = S.sret_t(img_size=SMALL, attn_backend="torch").eval()
     with torch.no_grad():
-        model(_image(1, SMALL))
+        model(image(1, SMALL))
     # 20 block applications: stage 1 (2 shared blocks x 2), stage 2 (5 x 2), stage 3 (3 x 2)
     assert len(seen) == 20 and all(b == "torch" for _, _, b in seen)
     want = [(8, False), (2, True)] * 2 + [(4, False), (1, False)] * 5 + [(1, False)] * 6
@@ -262,33 +230,18 @@ def test_group_attention_layer_gradcheck_fp64():
 
 def test_noncontiguous_and_channels_last_inputs():
     model = _randomize(S.sret_t(img_size=SMALL)).eval()
-    x = _image(2, SMALL)
-    with torch.no_grad():
-        want = model(x)
-        strided = torch.randn(2, 3, SMALL, 2 * SMALL)[..., ::2]  # a non-contiguous view
-        strided.copy_(x)
-        torch.testing.assert_close(model(strided), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=1e-5)
-        cl = S.sret_t(img_size=SMALL).to(memory_format=torch.channels_last).eval()
-        cl.load_state_dict(model.state_dict())
-        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=1e-5)
+    check_noncontiguous_and_channels_last_inputs(model, lambda: S.sret_t(img_size=SMALL), image(2, SMALL))
 
 
 def test_cpu_autocast_bf16():
     model = _randomize(S.sret_t(img_size=SMALL, attn_backend="torch")).eval()
-    x = _image(2, SMALL)
-    with torch.no_grad():
-        want = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = model(x)
-    assert got.dtype == torch.bfloat16
     # bf16 has ~3 significant digits; 20 blocks deep
-    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+    assert bf16_autocast_error(model, image(2, SMALL)) <= 0.05
 
 
 def test_float64_model():
     model = _randomize(S.sret_t(img_size=SMALL)).double().eval()
-    x = _image(1, SMALL).double()
+    x = image(1, SMALL).double()
     with torch.no_grad():
         out = model(x)
         want = _functional_sret(model.state_dict(), S._CFGS["sret_t"], x,
@@ -302,7 +255,7 @@ def test_float64_model():
 
 def test_eval_determinism_and_switches():
     model = _randomize(S.sret_t(img_size=SMALL)).eval()
-    x = _image(2, SMALL)
+    x = image(2, SMALL)
     with torch.no_grad():
         a, b = model(x), model(x)
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # "fixed" (default)
@@ -349,17 +302,14 @@ def test_eval_determinism_and_switches():
 
 def test_strict_load_of_saved_state_dict(tmp_path):
     model = _randomize(S.sret_t(img_size=SMALL)).eval()
-    x = _image(2, SMALL)
+    x = image(2, SMALL)
     with torch.no_grad():
         want = model(x)
     plain = tmp_path / "plain.pth"
     torch.save(model.state_dict(), plain)
     nested = tmp_path / "official_layout.pth"  # official checkpoints keep the weights under "model"
     torch.save({"model": model.state_dict(), "epoch": 3}, nested)
-    for path in (plain, nested, str(nested)):
-        loaded = S.sret_t(img_size=SMALL, pretrained=path).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(x), want, atol=0, rtol=0)
+    check_loads_exactly(lambda path: S.sret_t(img_size=SMALL, pretrained=path), (plain, nested, str(nested)), x, want)
     # strict: a missing or an extra key is an error
     sd = model.state_dict()
     sd.pop("head.bias")
@@ -385,15 +335,7 @@ def test_block_under_torch_compile(backend):
         for recursive in (False, True):
             torch.testing.assert_close(compiled(x, recursive), blk(x, recursive), atol=1e-5, rtol=1e-5)
     # training: gradients through the compiled graph equal eager ones (first pass: no permutation)
-    blk.train()
-    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    compiled(xc, False).square().sum().backward()
-    gc = {n: p.grad.clone() for n, p in blk.named_parameters()}
-    blk.zero_grad()
-    blk(xe, False).square().sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad, atol=1e-4, rtol=1e-4)
-    for n, p in blk.named_parameters():
-        torch.testing.assert_close(gc[n], p.grad, atol=1e-4, rtol=1e-4)
+    check_compiled_training_grads(compiled, blk, x, False)
     # the recursive pass draws its permutation inside the graph
     y = compiled(x, True)
     assert y.shape == x.shape and torch.isfinite(y).all()
@@ -440,6 +382,6 @@ def test_meta_construction_then_to_empty_and_redraw():
     fast.load_state_dict(model.state_dict())
     fast.set_eval_permutation("fixed")  # the fixed permutations are not in the state_dict
     fast.eval()
-    x = _image(1, SMALL)
+    x = image(1, SMALL)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=0, rtol=0)

@@ -1,0 +1,229 @@
+"""Helpers shared by the model tests (tests/test_models_*.py).
+
+Only logic that was identical across the model test files lives here; each check keeps the
+exact assertions and tolerances the files had. Random draws happen in the same order as
+before, so every test sees the same inputs and weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the 2 CPU cores are shared by several test runs, and oversubscribed
+    OpenMP threads make these small-tensor tests several times slower (measured 5x).
+
+    Autouse in every module that imports it (``from _models_util import one_thread``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- inputs and weights
+
+
+def images(B, H, W, dtype=torch.float32, seed=0):
+    """A fixed random (B, 3, H, W) batch on DEV (drawn in fp64 on the CPU, then cast)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, H, W, generator=g, dtype=torch.float64).to(device=DEV, dtype=dtype)
+
+
+def image(b, size, seed=1):
+    """A fixed random (b, 3, size, size) fp32 batch on the CPU."""
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_batchnorm(m, g):
+    """Non-trivial running statistics for a BatchNorm2d ``m`` (other modules are left alone),
+    so eval-mode checks see the normalisation."""
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def jitter_parameters(model, g, vector_scale, matrix_scale):
+    """Add seeded noise to every parameter (biases and norms included), away from the init values."""
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (vector_scale if p.dim() < 2 else matrix_scale))
+
+
+# ---------------------------------------------------------------- official layout and registry
+
+
+def assert_official_layout(model, data_path, name, params):
+    """Parameter count and state_dict names/shapes/order equal the official ones in tests/data."""
+    # shared blocks appear twice in the module tree; parameters() counts them once, as officially
+    assert sum(p.numel() for p in model.parameters()) == params
+    with open(data_path) as f:
+        want = json.load(f)["models"][name]
+    assert want["params"] == params
+    got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert got == [(k, v) for k, v in want["state_dict"].items()]
+
+
+def assert_registered(module, names):
+    """Every name is registered with its builder in ``module``."""
+    from vitattn.models._registry import _MODELS
+
+    for n in names:
+        assert _MODELS[n] is getattr(module, n)
+
+
+# ---------------------------------------------------------------- whole-model checks
+
+
+def assert_every_param_has_finite_nonzero_grad(model):
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().max() > 0, n  # every parameter takes part
+
+
+def check_eval_determinism_and_batch_independence(model, x):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        a, b = model(x), model(x)
+        single = model(x[1:2])
+    assert torch.equal(a, b)
+    torch.testing.assert_close(single, a[1:2], atol=1e-5, rtol=1e-5)
+    # eval mode leaves every buffer (BatchNorm statistics included) alone
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def check_drop_path_in_training_only(model, x):
+    """Two training forwards with different seeds differ (stochastic depth); eval is deterministic."""
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.allclose(a, b)  # stochastic depth draws differ
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def check_channels_last_and_strided_inputs(model):
+    """Channels-last input, a strided view and a channels-last model give the contiguous result.
+    ``model`` (eval mode, on DEV) is converted to channels_last in place."""
+    x = images(2, 32, 64)
+    with torch.no_grad():
+        want = model(x)
+        got_cl = model(x.to(memory_format=torch.channels_last))
+        big = images(2, 64, 64, seed=1)
+        big[:, :, ::2] = x
+        got_strided = model(big[:, :, ::2])
+        got_model_cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got_cl, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_strided, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_model_cl, want, atol=1e-5, rtol=1e-5)
+
+
+def check_noncontiguous_and_channels_last_inputs(model, make_model, x):
+    """A strided view and a channels-last input give the contiguous result, and so does a fresh
+    channels-last model (``make_model()``) loaded with ``model``'s weights."""
+    with torch.no_grad():
+        want = model(x)
+        B, C, H, W = x.shape
+        strided = torch.randn(B, C, H, 2 * W)[..., ::2]  # a non-contiguous view
+        strided.copy_(x)
+        torch.testing.assert_close(model(strided), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=1e-5)
+        cl = make_model().to(memory_format=torch.channels_last).eval()
+        cl.load_state_dict(model.state_dict())
+        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=1e-5)
+
+
+def bf16_autocast_error(model, x):
+    """Max abs error of a CPU bf16-autocast forward relative to the fp32 output's max abs
+    (the output must be bf16); each test states its own bound."""
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+    assert got.dtype == torch.bfloat16
+    return (got.float() - want).abs().max() / want.abs().max()
+
+
+def check_checkpointing_same_grads(model, x, stages):
+    """use_checkpoint on every one of ``stages`` leaves the fp64 parameter gradients unchanged."""
+    model(x).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for s in stages:
+        s.use_checkpoint = True
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-10, rtol=1e-9, msg=lambda m: f"{n}: {m}")
+
+
+def check_fused_matches_reference_model(model, fused, x):
+    """``fused`` (same weights) matches ``model`` in outputs, input and parameter gradients."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = model(x1), fused(x2)
+    torch.testing.assert_close(y2, y1, atol=2e-4, rtol=2e-4)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=2e-4, rtol=2e-3)
+    p1 = dict(model.named_parameters())
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, p1[n].grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{n}: {m}")
+
+
+def check_strict_round_trip(src, make_loaded, x):
+    """``make_loaded()`` (a model built with pretrained= a file of ``src``'s state_dict) holds
+    exactly ``src``'s tensors and gives exactly its output on ``x``."""
+    sd = src.state_dict()
+    dst = make_loaded().eval()
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+
+
+def check_loads_exactly(make_loaded, paths, x, want):
+    """Every checkpoint file in ``paths`` loads through pretrained= into the same outputs."""
+    for path in paths:
+        loaded = make_loaded(path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), want, atol=0, rtol=0)
+
+
+def check_compiled_block(blk, x, *args):
+    """torch.compile(fullgraph=True) of a block gives the eager values and input gradients."""
+    want = blk(x, *args)
+    gx_want, = torch.autograd.grad(want.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    got = compiled(x, *args)
+    gx, = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_want, atol=1e-5, rtol=1e-5)
+
+
+def check_compiled_training_grads(compiled, blk, x, *args):
+    """Training gradients through ``compiled`` (of ``blk``) equal the eager ones (input and params)."""
+    blk.train()
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled(xc, *args).square().sum().backward()
+    gc = {n: p.grad.clone() for n, p in blk.named_parameters()}
+    blk.zero_grad()
+    blk(xe, *args).square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, atol=1e-4, rtol=1e-4)
+    for n, p in blk.named_parameters():
+        torch.testing.assert_close(gc[n], p.grad, atol=1e-4, rtol=1e-4)
+
+
+def check_export(model, x):
+    """torch.export of the whole (eval) model runs and matches eager."""
+    ep = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
