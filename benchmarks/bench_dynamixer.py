@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
+from common import bench_device, cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
 
 import vitattn  # noqa: E402,F401
 from vitattn.dynamixer import dynamixer  # noqa: E402
@@ -87,12 +87,8 @@ def _impls(quick: bool, device: torch.device, ctx: dict):
 
 
 def run(quick: bool, device) -> List[Dict]:
-    device = torch.device(device)
+    device = bench_device(device)
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        # the CPU is shared: intra-op threads spinning against other processes make the
-        # timings meaningless (measured 100x swings), so time single-threaded
-        torch.set_num_threads(1)
     batch = 128 if not quick else (8 if on_gpu else 1)
     dtypes = [torch.float16, torch.float32] if on_gpu else [torch.float32]
     axes = ("w", "h") if not quick else ("h",)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, peak_memory_mb, time_fn  # noqa: E402
+from common import bench_device, cli, peak_memory_mb, time_fn  # noqa: E402
 
 import importlib  # noqa: E402
 
@@ -83,11 +83,8 @@ def permute_sdpa(q, k, v, groups: int, perm, inv, scale: float):
 
 
 def run(quick: bool, device) -> List[Dict]:
-    device = torch.device(device)
+    device = bench_device(device)
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        # the CPU is shared: time single-threaded so other processes do not swing the numbers
-        torch.set_num_threads(1)
     batch = 256 if not quick else (32 if on_gpu else 2)
     dtypes = [torch.float16, torch.float32] if on_gpu else [torch.float32]
     shapes = SHAPES if (on_gpu or not quick) else {k: SHAPES[k] for k in ("SReT-T s1", "SReT-T s1 rec",

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, peak_memory_mb, time_fn  # noqa: E402
+from common import bench_device, cli, peak_memory_mb, time_fn  # noqa: E402
 
 import vitattn.models as models  # noqa: E402
 
@@ -171,10 +171,8 @@ def measure_model(name: str, device: torch.device, batch: int, res: int, reps: D
 
 def run(quick: bool, device, model_names: Optional[Sequence[str]] = None, batch: Optional[int] = None,
         res: int = 224, repeats: Optional[int] = None) -> List[Dict]:
-    device = torch.device(device)
+    device = bench_device(device)  # one intra-op thread on the shared CPU: see the module docstring
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(1)  # shared CPU: see the module docstring
     names = list(model_names) if model_names else (list(QUICK_MODELS) if quick else models.list_models())
     if batch is None:
         batch = 1 if quick and not on_gpu else (8 if quick else (64 if on_gpu else 2))

@@ -24,7 +24,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
+from common import bench_device, cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
 
 import importlib  # noqa: E402
 
@@ -64,11 +64,8 @@ def _impls(device: torch.device, dtype: torch.dtype, n: int, m: int, d: int, wit
 
 
 def run(quick: bool, device) -> List[Dict]:
-    device = torch.device(device)
+    device = bench_device(device)
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        # a shared CPU: intra-op threads fighting other processes make timings meaningless
-        torch.set_num_threads(1)
     d = 64
     dtypes = [torch.float16, torch.float32] if on_gpu and not quick else [torch.float32]
     reps = dict(warmup=1, repeats=3) if quick else dict(warmup=3, repeats=10, min_time=0.2)

@@ -16,6 +16,15 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def bench_device(device) -> torch.device:
+    """The benchmark's device; on the CPU, time single-threaded: the CPU is shared, and intra-op
+    threads spinning against other processes make timings meaningless (measured 100x swings)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        torch.set_num_threads(1)
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
