@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vitattn  # noqa: E402
 from vitattn.masa import dispatcher as masa_dispatcher  # noqa: E402
 from vitattn.reference.masa import axis_distance, manhattan_distance  # noqa: E402
-from benchmarks.common import cli, peak_memory_mb, time_fn  # noqa: E402
+from benchmarks.common import bench_device, cli, peak_memory_mb, time_fn  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["form", "B", "heads", "H", "W", "N", "d", "dtype", "method", "fwd_ms", "fwd_bwd_ms", "peak_mib", "note"]
@@ -148,7 +148,7 @@ def methods(case: Dict, device: torch.device, dtype: torch.dtype) -> Dict[str, C
 
 def run(quick: bool = True, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
         progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     repeats = 3 if quick else 10
     rows = []

@@ -101,9 +101,11 @@ def main(argv=None) -> int:
 
     root = _repo_root()
     sys.path.insert(0, root)
-    from benchmarks.common import environment, markdown_table
+    from benchmarks.common import bench_device, environment, markdown_table
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # on a CPU every benchmark times single-threaded (see benchmarks/common.bench_device);
+    # set here so that the environment recorded below says so
+    device = bench_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = args.out_dir or os.path.join(root, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     names = args.only.split(",") if args.only else list(BENCHMARKS)
