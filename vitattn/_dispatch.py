@@ -148,6 +148,14 @@ def triton_reason(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
     return f"Triton kernels do not run on device type {dev.type!r}"
 
 
+def triton_head_dims_reason(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+    """triton_reason plus the head-dim limit (d, dv <= 256) of the attention kernels."""
+    why = triton_reason(ctx, auto)
+    if why is None and max(ctx["d"], ctx["dv"]) > 256:
+        why = f"head dims up to 256 are supported, got d={ctx['d']}, dv={ctx['dv']}"
+    return why
+
+
 def _float64():
     import torch
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._dispatch import Dispatcher, torch_reason, triton_reason
+from ._dispatch import Dispatcher, torch_reason, triton_head_dims_reason
 from .torch_backend import group_attention as _tb
 
 OP = "group_attention"
@@ -46,13 +46,7 @@ def _register_triton() -> None:
         return
     from .kernels import group_attention as _tk
 
-    def check(ctx, auto):
-        why = triton_reason(ctx, auto)
-        if why is None and max(ctx["d"], ctx["dv"]) > 256:
-            why = f"head dims up to 256 are supported, got d={ctx['d']}, dv={ctx['dv']}"
-        return why
-
-    register_impl("triton", GroupImpl(_tk.group_attention_fwd, _tk.group_attention_bwd), check, rank=20)
+    register_impl("triton", GroupImpl(_tk.group_attention_fwd, _tk.group_attention_bwd), triton_head_dims_reason, rank=20)
 
 
 _register_triton()

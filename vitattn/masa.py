@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._dispatch import Dispatcher, torch_reason, triton_reason
+from ._dispatch import Dispatcher, torch_reason, triton_head_dims_reason
 from .torch_backend import masa as _tb
 
 OP = "masa"
@@ -24,8 +24,7 @@ dispatcher = Dispatcher(OP, BACKENDS)
 #   fwd(q, k, v, log_gamma, scale, axis) -> (out contiguous, lse (B, heads, H, W))
 #   bwd(dout, q, k, v, out, lse, log_gamma, scale, axis) -> (dq, dk, dv, dlog_gamma (heads,))
 # with axis None (full form), "w" (attend along W in each row) or "h" (along H in each
-# column). The decomposed form is the "w" pass followed by the "h" pass. A backend may
-# instead supply whole-op functions (decomposed_fwd / decomposed_bwd) to fuse both passes.
+# column). The decomposed form is the "w" pass followed by the "h" pass.
 
 
 @dataclass
@@ -92,13 +91,7 @@ def _register_triton() -> None:
         return
     from .kernels import masa as _tk
 
-    def check(ctx, auto):
-        why = triton_reason(ctx, auto)
-        if why is None and max(ctx["d"], ctx["dv"]) > 256:
-            why = f"head dims up to 256 are supported, got d={ctx['d']}, dv={ctx['dv']}"
-        return why
-
-    register_impl("triton", MasaImpl(_tk.masa_fwd, _tk.masa_bwd), check, rank=20)
+    register_impl("triton", MasaImpl(_tk.masa_fwd, _tk.masa_bwd), triton_head_dims_reason, rank=20)
 
 
 _register_triton()
