@@ -55,8 +55,13 @@ def _extensions():
         return [], {}
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
-    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
+    # csrc/cpu/*_kernels.cpp are compiled once per instruction set (MultiIsaBuildExtension);
+    # the other sources once
+    sources = [s for s in rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+               if not s.endswith("_kernels.cpp")] + ["csrc/bindings.cpp"]
     cxx = ["-O3", "-g0", "-std=c++20", "-Wno-psabi"]
+    if _multi_isa():
+        cxx.append("-DVITATTN_CPU_MULTI_ISA")
     ldflags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is OpenMP code inlined from the headers: without -fopenmp it runs
@@ -81,7 +86,49 @@ def _extensions():
         why = "torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (CUDA_HOME)"
         print(f"vitattn: building vitattn._C with the CPU kernels only ({why})", file=sys.stderr)
         ext = ce.CppExtension("vitattn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _multi_isa_build_ext(ce.BuildExtension).with_options(use_ninja=True)}
+
+
+def _multi_isa() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+# CPU_CAPABILITY spelled as PyTorch spells it, with the flags PyTorch uses for that build
+_ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    # not -mavx512bf16: AVX-512 CPUs without it exist; a kernel that uses vdpbf16ps marks
+    # that function with __attribute__((target("avx512bf16"))) and checks
+    # cpu_has_avx512_bf16() (csrc/cpu/isa.h) before calling it
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def _multi_isa_build_ext(base):
+    """base (torch's BuildExtension) that compiles every csrc/cpu/*_kernels.cpp once per
+    instruction set (see csrc/cpu/isa.h) into its own build folder and links all copies."""
+
+    class MultiIsaBuildExtension(base):
+        def build_extension(self, ext):
+            kernels = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*_kernels.cpp")))
+            kernels = [os.path.relpath(k, ROOT) for k in kernels]
+            isas = list(_ISA_FLAGS) if _multi_isa() else ["DEFAULT"]
+            cxx = list(ext.extra_compile_args["cxx"]) if isinstance(ext.extra_compile_args, dict) \
+                else list(ext.extra_compile_args)
+            objects = []
+            for isa in isas:
+                flags = cxx + _ISA_FLAGS[isa] + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
+                post = {"cxx": flags, "nvcc": []} if isinstance(ext.extra_compile_args, dict) else flags
+                objects += self.compiler.compile(
+                    kernels, output_dir=os.path.join(self.build_temp, isa.lower()),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs=post, depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return MultiIsaBuildExtension
 
 
 ext_modules, cmdclass = _extensions()

@@ -2,12 +2,15 @@
 // CUDA ones when setup.py found a CUDA torch and nvcc (it then defines VITATTN_WITH_CUDA).
 #include <torch/extension.h>
 
+#include "cpu/isa.h"
 #include "cpu/masa.h"
 #if defined(VITATTN_WITH_CUDA)
 #include "cuda/masa_torch.h"
 #endif
 
 namespace py = pybind11;
+
+VITATTN_CPU_DECLARE(int64_t, float_lanes, ())
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vitattn compiled kernels (C++ CPU and CUDA)";
@@ -18,6 +21,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masa_cpu_bwd", &vitattn::masa_cpu_bwd, "MaSA grid-attention pass, backward (CPU)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("log_gamma"),
         py::arg("scale"), py::arg("axis"), nogil);
+  m.def(
+      "cpu_isa",
+      [] {
+        const auto isa = vitattn::cpu::cpu_isa();
+        return std::string(vitattn::cpu::isa_name(isa)) + " (" +
+               std::to_string(VITATTN_CPU_DISPATCH(float_lanes)) + " fp32 lanes" +
+               (vitattn::cpu::cpu_has_avx512_bf16() ? ", avx512-bf16" : "") + ")";
+      },
+      "instruction set the CPU kernels run with on this machine (csrc/cpu/isa.h)");
   m.def("masa_cpu_isa", &vitattn::masa_cpu_isa, "instruction set of the CPU kernels in use");
 #if defined(VITATTN_WITH_CUDA)
   m.attr("with_cuda") = true;
