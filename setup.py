@@ -21,8 +21,15 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+def _env():
+    """vitattn/_env.py, loaded by path: it parses every VITATTN_* variable, and vitattn itself
+    (or torch) may not be importable yet."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_vitattn_env", os.path.join(ROOT, "vitattn", "_env.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _cuda_arch_list(spec: str) -> str:
@@ -43,7 +50,8 @@ def _cuda_arch_list(spec: str) -> str:
 
 def _extensions():
     """([Extension], cmdclass) for vitattn._C, or ([], {}) when it is not to be built."""
-    if _flag("VITATTN_NO_EXT"):
+    env = _env()
+    if env.flag("VITATTN_NO_EXT"):
         print("vitattn: VITATTN_NO_EXT is set, not building vitattn._C", file=sys.stderr)
         return [], {}
     try:
@@ -73,7 +81,7 @@ def _extensions():
         cand = os.path.join(ce.CUDA_HOME, "bin", "nvcc")
         nvcc = cand if os.path.exists(cand) else None
     if nvcc is not None:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(os.environ.get("VITATTN_CUDA_ARCHS", "sm_80;sm_90"))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(env.text("VITATTN_CUDA_ARCHS"))
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         ext = ce.CUDAExtension(
@@ -134,8 +142,10 @@ def _multi_isa_build_ext(base):
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["vitattn", "vitattn.*"]) + ["vitattn.kernels"],
-    package_dir={"vitattn.kernels": "kernels"},
+    # kernels/ and benchmarks/ live at the top of the repository and ship inside the package,
+    # so that `python -m vitattn.bench` works from an installed (non-editable) vitattn too
+    packages=find_packages(include=["vitattn", "vitattn.*"]) + ["vitattn.kernels", "vitattn.benchmarks"],
+    package_dir={"vitattn.kernels": "kernels", "vitattn.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench_device, cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
 
 import vitattn  # noqa: E402,F401
-from vitattn.dynamixer import dynamixer  # noqa: E402
+from vitattn import dynamixer  # noqa: E402
 
-dm_mod = importlib.import_module("vitattn.dynamixer")  # the module (vitattn may export a function of that name)
+dm_mod = importlib.import_module("vitattn.ops.dynamixer.op")  # the module (vitattn may export a function of that name)
 
 # name: (L, C, S, d)
 SHAPES = {

@@ -39,7 +39,7 @@ import vitattn  # noqa: E402,F401
 from vitattn.group_attention import group_attention, inverse_permutation, random_permutation  # noqa: E402
 
 # the module itself (vitattn.group_attention may name the function once exported from vitattn)
-ga_mod = importlib.import_module("vitattn.group_attention")
+ga_mod = importlib.import_module("vitattn.ops.group_attention.op")
 
 # name: (N, heads, d, groups, permuted)
 SHAPES = {

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vitattn  # noqa: E402
-from vitattn.masa import dispatcher as masa_dispatcher  # noqa: E402
-from vitattn.reference.masa import axis_distance, manhattan_distance  # noqa: E402
+from vitattn.ops.masa.backends import dispatcher as masa_dispatcher  # noqa: E402
+from vitattn.ops.masa.reference import axis_distance, manhattan_distance  # noqa: E402
 from benchmarks.common import bench_device, cli, peak_memory_mb, time_fn  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,8 +133,8 @@ def methods(case: Dict, device: torch.device, dtype: torch.dtype) -> Dict[str, C
     out: Dict[str, Callable] = {}
     ctx = dict(device=device, dtype=dtype, d=case["d"], dv=case["d"], H=case["H"], W=case["W"], B=case["B"],
                heads=case["heads"], decomposed=decomposed)
-    for name, why in masa_dispatcher.explain(ctx):
-        if why is None:  # every backend "auto" could pick here (not the Triton interpreter)
+    for name, can_run, _ in masa_dispatcher.explain(ctx):
+        if can_run:  # every backend "auto" could pick here (not the Triton interpreter)
             out[f"vitattn:{name}"] = (lambda be: lambda q, k, v, g: vitattn.masa(q, k, v, g, decomposed=decomposed, backend=be))(name)
     out["rmt_reference"] = lambda q, k, v, g: rmt_reference(q, k, v, torch.log(g), decomposed)
     out["sdpa_float_mask"] = lambda q, k, v, g: sdpa_masked(q, k, v, torch.log(g), decomposed)

@@ -29,8 +29,8 @@ from common import bench_device, cli, peak_memory_mb, saved_bytes, time_fn  # no
 import importlib  # noqa: E402
 
 # by import path: vitattn.sinkhorn may be the exported function rather than the module
-sk_mod = importlib.import_module("vitattn.sinkhorn")
-ref_mod = importlib.import_module("vitattn.reference.sinkhorn")
+sk_mod = importlib.import_module("vitattn.ops.sinkhorn.op")
+ref_mod = importlib.import_module("vitattn.ops.sinkhorn.reference")
 
 COLUMNS = ["problems", "n", "m", "iters", "d", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "speedup", "peak_mib",
            "saved_mib"]

@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitattn
-from vitattn.dynamixer import dynamixer
+from vitattn import dynamixer
 from vitattn.nn import DynaMixerBlock, DynaMixerOp
-from vitattn.reference.dynamixer import dynamixer as reference
+from vitattn.reference import dynamixer as reference
 
 from _util import HAS_CUDA, TRITON_DEVICE, assert_close, backends_for, noncontiguous
 
 # the module, not the function (vitattn may export the function under the same name)
-dm_mod = importlib.import_module("vitattn.dynamixer")
+dm_mod = importlib.import_module("vitattn.ops.dynamixer.op")
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 ALL_BACKENDS = [(dev, be) for dev in DEVICES for be in backends_for(dev)]
@@ -310,7 +310,7 @@ def test_autocast_cpu_fp16():
 def test_dispatch():
     args = make((2,), 5, 6, 2, 2, torch.float32, "cpu")
     # the interpreter is never chosen automatically; the torch backend serves CPU tensors
-    expl = dict(dm_mod.explain(*args, 2))
+    expl = vitattn.explain("dynamixer", *args, 2).reasons()
     assert expl["torch"] is None
     with pytest.raises(ValueError, match="unknown backend"):
         dynamixer(*args, 2, backend="nope")

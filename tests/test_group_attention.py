@@ -14,8 +14,9 @@ import torch
 import vitattn
 from vitattn import _validate as V
 from vitattn._dispatch import BackendUnavailableError
-from vitattn.group_attention import explain, group_attention, inverse_permutation, random_permutation
-from vitattn.reference.group_attention import group_attention as reference
+from vitattn import group_attention, inverse_permutation, random_permutation
+from vitattn.ops.group_attention.op import explain
+from vitattn.reference import group_attention as reference
 
 from _util import HAS_CUDA, TRITON_DEVICE, assert_close, backends_for, noncontiguous
 
@@ -336,7 +337,7 @@ def test_bad_input_names_the_argument():
         (ValueError, "scale must be finite", lambda: group_attention(q, k, v, 2, scale=math.inf)),
         (ValueError, "unknown backend", lambda: group_attention(q, k, v, 2, backend="nope")),
         (TypeError, "backend must be a string", lambda: group_attention(q, k, v, 2, backend=None)),
-        (ValueError, "empty inputs", lambda: group_attention(q[:0], k[:0], v[:0], 2)),
+        (ValueError, "feature dim d >= 1", lambda: group_attention(q[..., :0], k[..., :0], v, 2)),
     ]
     if HAS_CUDA:
         cases.append((ValueError, "perm is on", lambda: group_attention(q, k, v, 2, perm=perm.cuda())))
@@ -358,7 +359,7 @@ def test_cpu_perm_checked_even_with_value_checks_off():
 
 def test_dispatch():
     q, k, v = _inputs(1, 1, 8, 8, 8, torch.float32, "cpu", seed=0)
-    reasons = dict(explain(q, k, v, 2))
+    reasons = explain(q, k, v, 2).reasons()
     assert reasons["torch"] is None
     assert "triton" in reasons
     # the interpreter is never chosen automatically, so CPU tensors go to the torch backend

@@ -19,14 +19,14 @@ import torch.utils.checkpoint as ckpt
 
 from _util import TOL, backends_for
 
-_masa = importlib.import_module("vitattn.masa")
-_sk = importlib.import_module("vitattn.sinkhorn")
-_ga = importlib.import_module("vitattn.group_attention")
-_dm = importlib.import_module("vitattn.dynamixer")
-R = importlib.import_module("vitattn.reference.masa")
-R_dm = importlib.import_module("vitattn.reference.dynamixer")
-R_ga = importlib.import_module("vitattn.reference.group_attention")
-R_sk = importlib.import_module("vitattn.reference.sinkhorn")
+_masa = importlib.import_module("vitattn.ops.masa.op")
+_sk = importlib.import_module("vitattn.ops.sinkhorn.op")
+_ga = importlib.import_module("vitattn.ops.group_attention.op")
+_dm = importlib.import_module("vitattn.ops.dynamixer.op")
+R = importlib.import_module("vitattn.ops.masa.reference")
+R_dm = importlib.import_module("vitattn.ops.dynamixer.reference")
+R_ga = importlib.import_module("vitattn.ops.group_attention.reference")
+R_sk = importlib.import_module("vitattn.ops.sinkhorn.reference")
 rmt = importlib.import_module("vitattn.models.rmt")
 sret = importlib.import_module("vitattn.models.sret")
 setformer = importlib.import_module("vitattn.models.setformer")

@@ -324,7 +324,7 @@ def test_torch_backend_is_memory_bounded_at_96x96():
 def test_auto_picks_a_backend_and_explains():
     q, k, v, gamma = make(1, 1, 2, 2, 4, 4)
     vitattn.masa(q, k, v, gamma)  # runs
-    reasons = dict(vitattn.explain("masa", q, k, v))
+    reasons = vitattn.explain("masa", q, k, v, 0.9).reasons()
     assert set(reasons) >= {"torch", "triton", "cpu", "cuda"}
     assert reasons["torch"] is None
     if DEV == "cpu":

@@ -11,12 +11,13 @@ import vitattn
 from vitattn import reference
 from vitattn._dispatch import BackendUnavailableError
 
-# until vitattn/__init__.py imports it, registering "cpu" is this import's job
 import vitattn._extension as ext
+from vitattn.ops.masa import backends as masa_backends, torch_impl
+from vitattn.ops.masa import op as masa_mod
 
 from _util import assert_close, noncontiguous
 
-masa_mod = sys.modules["vitattn.masa"]
+_cpu = masa_backends._CppPasses("cpu")
 
 pytestmark = pytest.mark.skipif(not ext.available(), reason=f"vitattn._C is not built: {ext.why_unavailable()}")
 
@@ -103,14 +104,14 @@ def test_raw_pass_matches_torch_backend(axis, dtype):
     """The backend interface itself: out, lse (layout and dtype), dq, dk, dv, dlog_gamma."""
     q, k, v, gamma = make(2, 2, 7, 10, 6, 5, dtype=dtype, seed=11)
     lg = torch.log(gamma).to(torch.float64 if dtype == torch.float64 else torch.float32)
-    out, lse = ext._cpu_fwd(q, k, v, lg, 0.3, axis)
-    out_t, lse_t = masa_mod._torch_fwd(q, k, v, lg, 0.3, axis)
+    out, lse = _cpu.pass_fwd(q, k, v, lg, 0.3, axis)
+    out_t, lse_t = torch_impl.pass_fwd(q, k, v, lg, 0.3, axis)
     assert lse.shape == (2, 2, 7, 10) and lse.dtype == lg.dtype and out.is_contiguous()
     assert_close(out, out_t, dtype, "out")
     assert_close(lse, lse_t, dtype, "lse")
     dout = noncontiguous(torch.randn_like(out))
-    got = ext._cpu_bwd(dout, q, k, v, out, lse, lg, 0.3, axis)
-    want = masa_mod._torch_bwd(dout, q, k, v, out_t, lse_t, lg, 0.3, axis)
+    got = _cpu.pass_bwd(dout, q, k, v, out, lse, lg, 0.3, axis)
+    want = torch_impl.pass_bwd(dout, q, k, v, out_t, lse_t, lg, 0.3, axis)
     for name, g, w in zip(("dq", "dk", "dv", "dlog_gamma"), got, want):
         assert g.shape == w.shape, name
         close(g, w, GRAD_TOL[dtype], name)
@@ -207,14 +208,14 @@ def test_compile_fullgraph_and_export():
 
 def test_dispatch_registration():
     q, k, v, _ = make(1, 2, 16, 16, 8, 8, dtype=torch.float32)
-    reasons = dict(masa_mod.explain(q, k, v))
+    reasons = vitattn.explain("masa", q, k, v, 0.9).reasons()
     assert reasons["cpu"] is None
     # a tiny grid: "auto" would not take "cpu" (measured slower), naming it still runs it
     small = [t[:, :, :4, :4] for t in (q, k, v)]
-    assert "measured" in dict(masa_mod.explain(*small))["cpu"]
+    assert "measured" in vitattn.explain("masa", *small, 0.9).reasons()["cpu"]
     assert_close(vitattn.masa(*small, 0.9, backend="cpu"), reference.masa(*(t.double() for t in small), 0.9),
                  torch.float32, "explicit cpu on a small grid")
-    ctx = masa_mod._context(q.to("meta"), k.to("meta"), v.to("meta"), False)
+    ctx = masa_mod._context(q.to("meta"), v.to("meta"), False)
     why = masa_mod.dispatcher.reason("cpu", ctx)
     assert why is not None and "CPU tensors" in why
     with pytest.raises(BackendUnavailableError, match="cpu"):
@@ -232,7 +233,7 @@ def test_auto_choice_follows_measurement(H, W, decomposed, want):
         pytest.skip("VITATTN_BACKEND forces the choice")
     chosen = masa_mod.dispatcher.choose("auto", ctx)
     assert chosen == want
-    assert (ext._cpu_auto_reason(ctx) is None) == (want == "cpu")
+    assert (masa_backends._cpu_check(ctx, True) is None) == (want == "cpu")
 
 
 def test_bad_input_names_the_argument():
@@ -258,11 +259,12 @@ def test_bad_input_names_the_argument():
         ext.C.masa_cpu_bwd(out, q, k, v, out, lse[..., :1], lg, 0.5, 0)
 
 
-def test_missing_extension_stub_raises_import_error():
-    stub = ext._MissingExtension("it was not built (test)")
+def test_missing_extension_stub_raises_import_error(monkeypatch):
+    monkeypatch.setattr(ext, "_module", None)
+    monkeypatch.setattr(ext, "_error", "it was not built (test)")
     with pytest.raises(ImportError, match="not built"):
-        stub.masa_cpu_fwd
-    assert "missing" in repr(stub)
+        ext.C.masa_cpu_fwd
+    assert "missing" in repr(ext.C)
 
 
 def test_package_works_without_the_extension():

@@ -15,12 +15,12 @@ import vitattn
 from vitattn import reference
 from vitattn._dispatch import BackendUnavailableError
 
-# until vitattn/__init__.py imports it, registering "cuda" is this import's job
 import vitattn._extension as ext
+from vitattn.ops.masa import backends as masa_backends, torch_impl
 
 from _util import assert_close, noncontiguous
 
-masa_mod = sys.modules["vitattn.masa"]
+_cuda = masa_backends._CppPasses("cuda")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -98,14 +98,14 @@ def test_strided_inputs(decomposed, H, W):
 def test_raw_pass_matches_torch_backend(axis):
     q, k, v, gamma = make(2, 2, 7, 10, 6, 5, seed=11)
     lg = torch.log(gamma).float()
-    out, lse = ext._cuda_fwd(q, k, v, lg, 0.3, axis)
-    out_t, lse_t = masa_mod._torch_fwd(q, k, v, lg, 0.3, axis)
+    out, lse = _cuda.pass_fwd(q, k, v, lg, 0.3, axis)
+    out_t, lse_t = torch_impl.pass_fwd(q, k, v, lg, 0.3, axis)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 7, 10)
     assert_close(out, out_t, torch.float32, "out")
     assert_close(lse, lse_t, torch.float32, "lse")
     dout = torch.randn_like(out)
-    got = ext._cuda_bwd(dout, q, k, v, out, lse, lg, 0.3, axis)
-    want = masa_mod._torch_bwd(dout, q, k, v, out_t, lse_t, lg, 0.3, axis)
+    got = _cuda.pass_bwd(dout, q, k, v, out, lse, lg, 0.3, axis)
+    want = torch_impl.pass_bwd(dout, q, k, v, out_t, lse_t, lg, 0.3, axis)
     for name, g, w in zip(("dq", "dk", "dv", "dlog_gamma"), got, want):
         close(g, w, GRAD_TOL[torch.float32], name)
 

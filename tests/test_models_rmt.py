@@ -25,8 +25,8 @@ try:  # registers the compiled "cpu"/"cuda" MaSA backends where the extension is
     import vitattn._extension  # noqa: F401
 except ImportError:
     pass
-_MASA = importlib.import_module("vitattn.masa")  # the module (vitattn.masa is the function)
-ref_masa = importlib.import_module("vitattn.reference.masa")
+_MASA = importlib.import_module("vitattn.ops.masa.op")  # the module (vitattn.masa is the function)
+ref_masa = importlib.import_module("vitattn.ops.masa.reference")
 
 
 def _runnable(name):

@@ -19,8 +19,8 @@ from _models_util import (DEV, assert_every_param_has_finite_nonzero_grad, bf16_
                           images, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse fixture)
 
 # modules by import path: the packages bind the names sinkhorn/ot_attention to the functions
-_SK = importlib.import_module("vitattn.sinkhorn")
-ref_sinkhorn = importlib.import_module("vitattn.reference.sinkhorn")
+_SK = importlib.import_module("vitattn.ops.sinkhorn.op")
+ref_sinkhorn = importlib.import_module("vitattn.ops.sinkhorn.reference")
 
 
 def _runnable(name):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vitattn
 from vitattn import models
-from vitattn.group_attention import random_permutation
+from vitattn import random_permutation
 import vitattn.models.sret as S
 
 from _util import TRITON_DEVICE

@@ -20,17 +20,17 @@ import pytest
 import torch
 
 # the reference modules (the package may re-export same-named functions)
-R = importlib.import_module("vitattn.reference.masa")
-R_dm = importlib.import_module("vitattn.reference.dynamixer")
-R_ga = importlib.import_module("vitattn.reference.group_attention")
-R_sk = importlib.import_module("vitattn.reference.sinkhorn")
+R = importlib.import_module("vitattn.ops.masa.reference")
+R_dm = importlib.import_module("vitattn.ops.dynamixer.reference")
+R_ga = importlib.import_module("vitattn.ops.group_attention.reference")
+R_sk = importlib.import_module("vitattn.ops.sinkhorn.reference")
 
 from _util import TOL, backends_for
 
-_masa = importlib.import_module("vitattn.masa")
-_sk = importlib.import_module("vitattn.sinkhorn")
-_ga = importlib.import_module("vitattn.group_attention")
-_dm = importlib.import_module("vitattn.dynamixer")
+_masa = importlib.import_module("vitattn.ops.masa.op")
+_sk = importlib.import_module("vitattn.ops.sinkhorn.op")
+_ga = importlib.import_module("vitattn.ops.group_attention.op")
+_dm = importlib.import_module("vitattn.ops.dynamixer.op")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = backends_for(DEV)

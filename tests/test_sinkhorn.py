@@ -19,10 +19,10 @@ from _util import HAS_CUDA, TRITON_DEVICE, backends_for, noncontiguous
 import vitattn
 
 # modules by import path: once vitattn exports the function sinkhorn, the attribute
-# vitattn.sinkhorn is the function, not this module
-SK = importlib.import_module("vitattn.sinkhorn")
-R = importlib.import_module("vitattn.reference.sinkhorn")
-TB = importlib.import_module("vitattn.torch_backend.sinkhorn")
+SK = importlib.import_module("vitattn.ops.sinkhorn.op")
+R = importlib.import_module("vitattn.ops.sinkhorn.reference")
+TB = importlib.import_module("vitattn.ops.sinkhorn.torch_impl")
+BK = importlib.import_module("vitattn.ops.sinkhorn.backends")
 
 DEV = "cpu"
 BACKENDS = backends_for(DEV)
@@ -48,7 +48,8 @@ def _small_tiles(monkeypatch):
         from vitattn.kernels import sinkhorn as TK
 
         monkeypatch.setattr(TK, "BLOCK_N_CAP", 16)
-    monkeypatch.setattr(TB, "BLOCK_ELEMS", 2 * 64 * 32)
+    # 64 KiB of dense intermediates: 4096 fp32 elements per tensor, as 2 x 64 x 32 blocks
+    monkeypatch.setenv("VITATTN_DENSE_BUDGET_MB", str(2 * 64 * 32 * 4 * 4 / 2 ** 20))
 
 
 @pytest.fixture
@@ -400,13 +401,13 @@ def test_triton_backward_is_deterministic():
 
 def test_dispatch_reasons():
     x, ref, v = _ot_inputs(torch.float32, B=1, H=1, n=8, m=3, d=4, dv=4)
-    names = [n for n, _ in SK.explain(x, ref, v)]
+    names = [r.backend for r in vitattn.explain("ot_aggregate", x, ref, v)]
     assert "torch" in names and "triton" in names
     if not HAS_CUDA:
         # the interpreter is never chosen automatically
-        assert dict(SK.explain(x, ref, v))["triton"] is not None
+        assert vitattn.explain("ot_aggregate", x, ref, v).reasons()["triton"] is not None
     big = torch.randn(1, 1, 8, 4)
-    ref_big = torch.randn(1, SK.MAX_M + 1, 4)
+    ref_big = torch.randn(1, BK.TRITON_MAX_M + 1, 4)
     if TRITON_DEVICE == "cpu":
         with pytest.raises(vitattn.BackendUnavailableError, match="references"):
             SK.ot_aggregate(big, ref_big, backend="triton")

@@ -1,32 +1,61 @@
-"""Whether the Triton kernels can be used, decided once at import time.
+"""Whether the Triton kernels can be used, without importing Triton.
 
-TRITON_INTERPRET=1 must be set before the kernels are defined (before vitattn is
-imported): Triton reads it when @triton.jit runs.
+Triton is imported only when a Triton backend first runs (``kernels()``), so that
+``import vitattn`` stays cheap on machines that never use it. TRITON_INTERPRET=1 must be
+set before the kernels are defined: Triton reads it when @triton.jit runs.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Optional
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from . import _env
 
-try:
-    import triton  # noqa: F401
-    import triton.language  # noqa: F401
-
-    _ERR = None
-except Exception as exc:  # ImportError, or a broken install
-    _ERR = f"triton cannot be imported ({exc.__class__.__name__}: {exc})"
+_IMPORT_ERROR: Optional[str] = None
 
 
-def available() -> bool:
-    return _ERR is None
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# looked up once, at import: finding a module is cheap, importing Triton is not
+_INSTALLED = _installed()
 
 
 def why_unavailable() -> str:
-    return _ERR or ""
+    """"" when Triton can be used, else why not (a missing or broken install)."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    return "" if _INSTALLED else "triton is not installed (pip install triton)"
+
+
+def available() -> bool:
+    return not why_unavailable()
 
 
 def interpreting() -> bool:
-    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    return _INTERPRET and _ERR is None
+    """True when the Triton kernels run on CPU tensors (TRITON_INTERPRET=1 at import time)."""
+    return _INTERPRET and available()
+
+
+def kernels(name: str) -> ModuleType:
+    """vitattn.kernels.<name> (the first call imports Triton); ImportError with the reason."""
+    global _IMPORT_ERROR
+    why = why_unavailable()
+    if why:
+        raise ImportError(why)
+    try:
+        return importlib.import_module(f"{__package__}.kernels.{name}")
+    except ImportError as exc:
+        if "triton" in str(exc).lower():
+            _IMPORT_ERROR = f"triton cannot be imported ({exc.__class__.__name__}: {exc})"
+        raise
+
+
+_INTERPRET = _env.triton_interpret()

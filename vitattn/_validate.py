@@ -2,32 +2,79 @@
 
 from __future__ import annotations
 
-import os
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from . import _env
 
-# Data-dependent checks (value ranges, permutation validity) read tensor values and so
-# synchronise with the GPU. They run in eager mode unless VITATTN_CHECK_VALUES=0; they
-# are skipped while torch.compile traces (values are unknown there).
-_CHECK_VALUES = os.environ.get("VITATTN_CHECK_VALUES", "1") not in ("0", "", "false", "False")
+from ._dtypes import FLOAT_DTYPES  # noqa: F401  (re-exported for the ops' checks)
+
+# Checks that read tensor values (gamma in (0, 1], permutations, marginals):
+#   CPU tensors: checked on the host, raising ValueError with the offending values.
+#   CUDA tensors: by default checked ON THE DEVICE (torch._assert_async): no host
+#     synchronisation, so CUDA-graph capture and asynchronous execution are kept; a bad value
+#     fails as a device-side assertion at the next synchronisation. set_value_checks("eager")
+#     checks CUDA tensors on the host instead (one synchronisation per new tensor; each
+#     tensor is checked once and remembered until it is modified).
+#   set_value_checks(False) / VITATTN_CHECK_VALUES=0 turns them off. They are skipped while
+#   torch.compile or torch.export traces (values are unknown there).
+_MODE = "default" if _env.check_values() else "off"
+_SEEN = WeakIdKeyDictionary()  # tensor -> {check name: tensor._version when it passed}
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Turn the data-dependent argument checks on or off (default on; env VITATTN_CHECK_VALUES)."""
-    global _CHECK_VALUES
-    _CHECK_VALUES = bool(enabled)
+def set_value_checks(enabled) -> None:
+    """Value checks: True (default: host on CPU, device-side on CUDA), "eager" (host
+    everywhere, one sync per new CUDA tensor) or False (off); env VITATTN_CHECK_VALUES."""
+    global _MODE
+    if enabled == "eager":
+        _MODE = "eager"
+    elif isinstance(enabled, bool):
+        _MODE = "default" if enabled else "off"
+    else:
+        raise ValueError(f"set_value_checks: enabled must be True, False or 'eager', got {enabled!r}")
 
 
 def value_checks_enabled() -> bool:
-    if not _CHECK_VALUES:
-        return False
-    try:
-        return not torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - very old torch
-        return True
+    return _MODE != "off" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+def trust(t: torch.Tensor, check: str) -> torch.Tensor:
+    """Record that t passes `check` (for tensors vitattn made itself, e.g. random_permutation)."""
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # no checks run there
+        _SEEN.setdefault(t, {})[check] = t._version
+    return t
+
+
+def is_trusted(t: torch.Tensor, check: str) -> bool:
+    seen = _SEEN.get(t)
+    return seen is not None and seen.get(check) == t._version
+
+
+def check_values(op: str, check: str, t: torch.Tensor, bad: Callable[[torch.Tensor], torch.Tensor],
+                 message: Callable[[torch.Tensor], str], *, always_on_cpu: bool = False) -> None:
+    """Raise ValueError(message(t)) when bad(t) (a bool tensor) has a True element.
+
+    Runs per the value-check mode (see above) and at most once per tensor version;
+    always_on_cpu: also with value checks off on CPU tensors (where a bad value would make a
+    kernel read out of bounds)."""
+    if not value_checks_enabled():
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if not (always_on_cpu and t.device.type == "cpu" and not tracing):
+            return
+    seen = _SEEN.get(t)
+    if seen is not None and seen.get(check) == t._version:
+        return
+    with torch.no_grad():
+        if t.device.type == "cpu" or _MODE == "eager":
+            if bool(bad(t).any()):
+                raise ValueError(message(t))
+        else:
+            torch._assert_async(bad(t).any().logical_not(), f"{op}: {check} failed (see vitattn.set_value_checks('eager') "
+                                               "for a host-side message)")
+            return  # a device-side check proves nothing yet: do not remember it
+    _SEEN.setdefault(t, {})[check] = t._version
 
 
 def tensor(op: str, name: str, x, ndim: Optional[int] = None, *, min_ndim: Optional[int] = None) -> torch.Tensor:
@@ -38,6 +85,25 @@ def tensor(op: str, name: str, x, ndim: Optional[int] = None, *, min_ndim: Optio
     if min_ndim is not None and x.dim() < min_ndim:
         raise ValueError(f"{op}: {name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
     return x
+
+
+def attention_inputs(op: str, q, k, v, layout: str) -> None:
+    """q, k (..., d) and v (..., dv) of one attention op: tensors of len(layout) dims, one
+    floating dtype and device, k shaped like q, v like q but for its last dim, d >= 1.
+    layout names the dims for messages, e.g. "B, heads, N, d"."""
+    ndim = len(layout.split(","))
+    tensor(op, "q", q, ndim)
+    tensor(op, "k", k, ndim)
+    tensor(op, "v", v, ndim)
+    floating(op, "q", q)
+    same_dtype(op, "q", q, k=k, v=v)
+    same_device(op, "q", q, k=k, v=v)
+    shape_eq(op, "k", k.shape, q.shape, f"it must match q's ({layout})")
+    if tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+        raise ValueError(f"{op}: v must have shape {tuple(q.shape[:-1]) + ('dv',)} to match q, got {tuple(v.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: q and k need a feature dim d >= 1 (the default scale is d ** -0.5), "
+                         f"got shape {tuple(q.shape)}")
 
 
 def floating(op: str, name: str, x: torch.Tensor) -> None:

@@ -1,8 +1,9 @@
 """The main job: ``python -m vitattn.bench [--quick]``.
 
-Runs every op's benchmark (benchmarks/bench_<op>.py) on the best available device and
-writes one report under benchmarks/results/: report.md, report.json and, when
-matplotlib is importable, PNG plots of time and peak memory per method.
+Runs every op's benchmark (benchmarks/bench_<op>.py, installed as vitattn.benchmarks) on the
+best available device and writes one report: report.md, report.json and, when matplotlib
+is importable, PNG plots of time and peak memory per method. The report goes to --out-dir,
+by default benchmarks/results/ in a source checkout, ./vitattn-bench-results otherwise.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import torch
 BENCHMARKS = ("masa", "sinkhorn", "group_attention", "dynamixer", "models")
 
 
-def _repo_root() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "benchmarks")):
-        raise SystemExit(
-            "vitattn.bench needs the benchmarks/ folder of a source checkout "
-            f"(looked in {root}); install vitattn editable from its repository"
-        )
-    return root
+def _default_out_dir() -> str:
+    from . import benchmarks
+
+    here = os.path.dirname(os.path.abspath(benchmarks.__file__))
+    # a source checkout (editable install): the committed results folder
+    if os.path.exists(os.path.join(os.path.dirname(here), "setup.py")):
+        return os.path.join(here, "results")
+    return os.path.abspath("vitattn-bench-results")
 
 
 class Progress:
@@ -99,14 +100,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
 
-    root = _repo_root()
-    sys.path.insert(0, root)
-    from benchmarks.common import bench_device, environment, markdown_table
+    from .benchmarks.common import bench_device, environment, markdown_table
 
     # on a CPU every benchmark times single-threaded (see benchmarks/common.bench_device);
     # set here so that the environment recorded below says so
     device = bench_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = args.out_dir or os.path.join(root, "benchmarks", "results")
+    out_dir = args.out_dir or _default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for name in names:
         try:
-            mod = importlib.import_module(f"benchmarks.bench_{name}")
+            mod = importlib.import_module(f"{__package__}.benchmarks.bench_{name}")
             kw = {"progress": progress.item} if "progress" in inspect.signature(mod.run).parameters else {}
             rows = mod.run(quick=args.quick, device=device, **kw)
             error = None

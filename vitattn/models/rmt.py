@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from ..masa import masa
+from .. import masa
 from ._common import DropPath, build, check_attn_backend, maybe_register_timm
 from ._registry import register_model
 

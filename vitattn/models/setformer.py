@@ -41,7 +41,6 @@ Every SeT layer takes ``attn_backend`` ("auto", "triton" or "torch"), passed to 
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Sequence
 
 import torch
@@ -52,8 +51,7 @@ from torch import Tensor, nn
 from ._common import DropPath, build, maybe_register_timm
 from ._registry import register_model
 
-# the op module by import path: the package binds the name vitattn.sinkhorn to the function
-_sinkhorn = importlib.import_module("..sinkhorn", __package__)
+from ..ops.sinkhorn import op as _sinkhorn
 
 __all__ = ["SeTformer", "SeTBlock", "SeTAttention", "setformer_mini", "setformer_tiny", "setformer_small",
            "setformer_base"]

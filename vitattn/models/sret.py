@@ -14,13 +14,13 @@ official checkpoints load with ``strict=True``, and the same computation:
   random token permutation (sliced group self-attention, groups [8, 4, 1] / [2, 1, 1]);
 * every residual branch is scaled by a learnable coefficient.
 
-Attention runs through :func:`vitattn.group_attention.group_attention` with the model's
+Attention runs through :func:`vitattn.group_attention` with the model's
 ``attn_backend`` ("auto" picks the fused kernel where one can run, "torch" the PyTorch path).
 
 Permutation of the recursive pass (only where ``groups2 > 1``)
 ---------------------------------------------------------------
 * training mode: a fresh permutation per call, drawn on the input's device with
-  :func:`vitattn.group_attention.random_permutation` (the official behaviour). It uses the
+  :func:`vitattn.random_permutation` (the official behaviour). It uses the
   device's default generator (seed it with ``torch.manual_seed``), or a private one after
   ``model.seed_permutations(seed)``.
 * eval mode, set by ``eval_permutation`` (constructor argument, or

@@ -4,7 +4,7 @@ Class, argument and parameter names follow the official DynaMixer code
 (ziyuwwang/DynaMixer, models/dynamixer.py and models/utils.py) so its state_dicts load
 unchanged: ``compress``, ``generate``, ``out`` in the op; ``mix_h``, ``mix_w``, ``mlp_c``,
 ``reweight.fc1/fc2``, ``proj`` in the block. The dynamic mixing runs through
-:func:`vitattn.dynamixer.dynamixer`; ``backend`` is passed to it.
+:func:`vitattn.dynamixer`; ``backend`` is passed to it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..dynamixer import dynamixer
+from .. import dynamixer
 
 
 class Mlp(nn.Module):

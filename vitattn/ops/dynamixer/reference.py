@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..._dtypes import acc_dtype
 
 
 def dynamixer(x, compress_weight, compress_bias, generate_weight, generate_bias, segments: int) -> torch.Tensor:
@@ -19,7 +17,7 @@ def dynamixer(x, compress_weight, compress_bias, generate_weight, generate_bias,
     *lead, L, C = x.shape
     S = segments
     d = compress_weight.shape[0] // S
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     cast = lambda t: None if t is None else t.to(acc)
     xf = x.to(acc)
     # compress: (..., L, S*d) -> (..., S, L*d), flat index i*d + k inside each segment

@@ -2,7 +2,7 @@
 
 The tokens are gathered once into permuted order (one copy of q, k, v, as SReT
 does), the Z = B * heads * groups problems of n = N / groups tokens are solved a
-chunk at a time so that no logits block exceeds ~BLOCK_ELEMS elements, and the
+chunk at a time so that the logits blocks fit VITATTN_DENSE_BUDGET_MB, and the
 results are scattered back into the original order. Forward returns per-token
 log-sum-exp statistics (original token order); backward recomputes the
 probabilities from them.
@@ -14,25 +14,8 @@ from typing import Optional
 
 import torch
 
-# Elements of one logits block; 2**22 fp32 elements is 16 MiB per intermediate.
-BLOCK_ELEMS = 1 << 22
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _blocks(Z: int, n: int):
-    """Yield (z0, z1, m0, m1) tiles whose logits block has at most ~BLOCK_ELEMS elements."""
-    if n * n <= BLOCK_ELEMS:
-        zc = max(1, BLOCK_ELEMS // (n * n))
-        for z0 in range(0, Z, zc):
-            yield z0, min(Z, z0 + zc), 0, n
-    else:
-        mc = max(1, BLOCK_ELEMS // n)
-        for z in range(Z):
-            for m0 in range(0, n, mc):
-                yield z, z + 1, m0, min(n, m0 + mc)
+from ..._dtypes import acc_dtype
+from ..._tiles import problem_blocks
 
 
 def _gather(x: torch.Tensor, perm: Optional[torch.Tensor], groups: int) -> torch.Tensor:
@@ -56,12 +39,12 @@ def _scatter(xp: torch.Tensor, perm: Optional[torch.Tensor], shape) -> torch.Ten
 
 def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scale: float):
     """-> out (B, heads, N, dv) in q.dtype, lse (B, heads, N) fp32/fp64, original token order."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     qp, kp, vp = (_gather(t, perm, groups) for t in (q, k, v))
     Z, n, _ = qp.shape
     out = torch.empty(Z, n, vp.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(Z, n, device=q.device, dtype=acc)
-    for z0, z1, m0, m1 in _blocks(Z, n):
+    for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc):
         s = torch.bmm(qp[z0:z1, m0:m1].to(acc), kp[z0:z1].to(acc).transpose(1, 2)) * scale
         m = torch.logsumexp(s, dim=-1)
         out[z0:z1, m0:m1] = torch.bmm(torch.exp(s - m[..., None]), vp[z0:z1].to(acc)).to(q.dtype)
@@ -71,7 +54,7 @@ def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scal
 
 def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], groups: int, scale: float):
     """Gradients (dq, dk, dv) of group_attention_fwd in the input dtypes."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     qp, kp, vp, dop = (_gather(t, perm, groups) for t in (q, k, v, dout))
     lsep = _gather(lse[..., None], perm, groups)[..., 0]
     # delta_i = rowsum(dO_i * O_i) is per token, so it is formed before the gather
@@ -80,7 +63,7 @@ def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], g
     dq = torch.empty(Z, n, q.shape[-1], device=q.device, dtype=acc)
     dk = torch.zeros(Z, n, k.shape[-1], device=q.device, dtype=acc)
     dv = torch.zeros(Z, n, v.shape[-1], device=q.device, dtype=acc)
-    for z0, z1, m0, m1 in _blocks(Z, n):
+    for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc):
         qb, kb, vb = qp[z0:z1, m0:m1].to(acc), kp[z0:z1].to(acc), vp[z0:z1].to(acc)
         dob = dop[z0:z1, m0:m1].to(acc)
         s = torch.bmm(qb, kb.transpose(1, 2)) * scale

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..._dtypes import acc_dtype
 
 
 def group_attention(q, k, v, groups: int, *, perm=None, scale=None) -> torch.Tensor:
     """q, k: (B, heads, N, d); v: (B, heads, N, dv); see vitattn.group_attention for the math."""
     B, heads, N, d = q.shape
     n = N // groups
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     scale = d ** -0.5 if scale is None else scale
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     if perm is not None:

@@ -27,16 +27,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..._dtypes import acc_dtype
 
 
 def sinkhorn(scores: Tensor, *, eps: float = 0.1, iters: int = 10, a: Optional[Tensor] = None,
              b: Optional[Tensor] = None) -> Tensor:
     """Entropic OT plan of (..., n, m) scores with row marginal a (..., n) and column marginal b (..., m)."""
     n, m = scores.shape[-2:]
-    acc = _acc_dtype(scores.dtype)
+    acc = acc_dtype(scores.dtype)
     K = scores.to(acc) / eps
     log_a = torch.log(a.to(acc)) if a is not None else torch.full((n,), -math.log(n), dtype=acc, device=scores.device)
     log_b = torch.log(b.to(acc)) if b is not None else torch.full((m,), -math.log(m), dtype=acc, device=scores.device)
@@ -55,7 +53,7 @@ def ot_plan(x: Tensor, ref: Tensor, *, eps: float = 0.1, iters: int = 10,
     Returned in the accumulation dtype (fp32, or fp64 for fp64 inputs), filter applied.
     """
     n, m = x.shape[-2], ref.shape[-2]
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     S = torch.einsum("bhnd,hmd->bhnm", x.to(acc), ref.to(acc))
     if pos_filter is not None:
         S = pos_filter.to(acc) * S

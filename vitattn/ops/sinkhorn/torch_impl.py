@@ -1,7 +1,7 @@
 """Memory-bounded PyTorch backend for Sinkhorn OT aggregation (the "torch" backend).
 
 Problems (one per (batch, head), or per leading index of a scores tensor) are processed
-in chunks whose (chunk, n, m) intermediates hold about BLOCK_ELEMS elements. The forward
+in chunks whose (chunk, n, m) intermediates hold about VITATTN_DENSE_BUDGET_MB / 4. The forward
 keeps only the column potentials g_t of every iteration (O(iters * m) per problem); the
 row potentials are a function of the previous column potentials
 (f_t = log a - LSE_j(K + g_{t-1})) and are recomputed. The backward is the exact
@@ -26,15 +26,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-BLOCK_ELEMS = 1 << 22
+from ..._dtypes import acc_dtype
+from ..._tiles import dense_elems
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-def _chunks(Z: int, n: int, m: int):
-    zc = max(1, BLOCK_ELEMS // max(1, n * m))
+def _chunks(Z: int, n: int, m: int, dtype: torch.dtype):
+    zc = max(1, dense_elems(dtype, 4) // max(1, n * m))
     for z0 in range(0, Z, zc):
         yield z0, min(Z, z0 + zc)
 
@@ -89,10 +87,10 @@ def _unroll_bwd(K: Tensor, W: Tensor, G: Tensor, la: Tensor, lb: Tensor):
 def sinkhorn_fwd(S: Tensor, la: Tensor, lb: Tensor, eps: float, iters: int) -> Tuple[Tensor, Tensor]:
     """S (Z, n, m), la (Z, n), lb (Z, m) (accumulation dtype) -> plan (Z, n, m) in S.dtype, G (Z, iters, m)."""
     Z, n, m = S.shape
-    acc = _acc(S.dtype)
+    acc = acc_dtype(S.dtype)
     P = torch.empty(Z, n, m, device=S.device, dtype=S.dtype)
     G = torch.empty(Z, iters, m, device=S.device, dtype=acc)
-    for z0, z1 in _chunks(Z, n, m):
+    for z0, z1 in _chunks(Z, n, m, acc):
         K = S[z0:z1].to(acc) / eps
         Gc, f = _iterate(K, la[z0:z1], lb[z0:z1], iters)
         G[z0:z1] = Gc
@@ -103,12 +101,12 @@ def sinkhorn_fwd(S: Tensor, la: Tensor, lb: Tensor, eps: float, iters: int) -> T
 def sinkhorn_bwd(dP: Tensor, S: Tensor, la: Tensor, lb: Tensor, G: Tensor, eps: float):
     """Gradients (dS in S.dtype, dla (Z, n), dlb (Z, m) in the accumulation dtype)."""
     Z, n, m = S.shape
-    acc = _acc(S.dtype)
+    acc = acc_dtype(S.dtype)
     dS = torch.empty(Z, n, m, device=S.device, dtype=S.dtype)
     dla = torch.empty(Z, n, device=S.device, dtype=acc)
     dlb = torch.empty(Z, m, device=S.device, dtype=acc)
     iters = G.shape[1]
-    for z0, z1 in _chunks(Z, n, m):
+    for z0, z1 in _chunks(Z, n, m, acc):
         K = S[z0:z1].to(acc) / eps
         g_prev = G[z0:z1, iters - 2] if iters > 1 else K.new_zeros(z1 - z0, m)
         f = _row_pot(K, g_prev, la[z0:z1])
@@ -147,13 +145,13 @@ def ot_fwd(x: Tensor, ref: Tensor, v: Tensor, filt: Optional[Tensor], eps: float
     """
     B, heads, n, d = x.shape
     m, dv = ref.shape[1], v.shape[-1]
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf, vf = _flat(x), _flat(v)
     Z = xf.shape[0]
     G = torch.empty(Z, iters, m, device=x.device, dtype=acc)
     zbuf = torch.empty(Z, m, dv, device=x.device, dtype=acc) if attention else x.new_empty((0,), dtype=acc)
     out = torch.empty(Z, n if attention else m, dv, device=x.device, dtype=x.dtype)
-    for z0, z1 in _chunks(Z, n, m):
+    for z0, z1 in _chunks(Z, n, m, acc):
         K = _scores(xf, ref, filt, heads, z0, z1, acc) / eps
         la, lb = _marginals(n, m, z1 - z0, x.device, acc)
         Gc, f = _iterate(K, la, lb, iters)
@@ -178,7 +176,7 @@ def ot_bwd(dout: Tensor, x: Tensor, ref: Tensor, v: Tensor, filt: Optional[Tenso
     """Gradients (dx, dref, dv) of ot_fwd, in the input dtypes."""
     B, heads, n, d = x.shape
     m, dv = ref.shape[1], v.shape[-1]
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf, vf, dof = _flat(x), _flat(v), _flat(dout)
     Gf = G.reshape(-1, G.shape[-2], m)
     zf = z.reshape(-1, m, dv) if attention else None
@@ -188,7 +186,7 @@ def ot_bwd(dout: Tensor, x: Tensor, ref: Tensor, v: Tensor, filt: Optional[Tenso
     dvv = torch.empty(Z, n, dv, device=x.device, dtype=acc)
     dref_per = torch.zeros(Z, m, d, device=x.device, dtype=acc)
     c = n / m
-    for z0, z1 in _chunks(Z, n, m):
+    for z0, z1 in _chunks(Z, n, m, acc):
         idx = torch.arange(z0, z1, device=x.device) % heads
         K = _scores(xf, ref, filt, heads, z0, z1, acc) / eps
         la, lb = _marginals(n, m, z1 - z0, x.device, acc)

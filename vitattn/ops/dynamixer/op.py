@@ -1,105 +1,56 @@
-"""DynaMixer dynamic axial mixing: public op, validation, dispatch and the torch.library custom op."""
+"""DynaMixer dynamic axial mixing: the public function, validation, and the
+``vitattn::dynamixer_fwd`` / ``_bwd`` custom ops that run the chosen backend."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _validate as V
-from ._dispatch import Dispatcher, torch_reason, triton_reason
-from .torch_backend import dynamixer as _tb
+from ... import _validate as V
+from ..._dtypes import acc_dtype, autocast_inputs
+from .._library import LIB
+from . import torch_impl as _tb
+from .backends import dispatcher
 
 OP = "dynamixer"
-BACKENDS = ("auto", "triton", "torch")
-dispatcher = Dispatcher(OP, BACKENDS)
-
-
-# ---------------------------------------------------------------- backend implementations
-#
-# A backend implements the mixing part on 5-D x (N0, N1, N2, L, C), any strides, given the
-# compressed R (N0, N1, N2, L, S*d) (laid out by torch_backend.empty_tokenwise):
-#   mix_fwd(x, r, wg, bg, S) -> (y like x, lse (N0, N1, N2, S, L) fp32/fp64)
-#   mix_bwd(dy, x, r, wg, bg, lse, S) -> (dx_mix, dR, dW_g, db_g)
-# The token-wise compress GEMMs around it are shared (torch_backend.compress_fwd/bwd).
-
-
-@dataclass
-class DynaMixerImpl:
-    mix_fwd: Callable
-    mix_bwd: Callable
-
-
-# plugs a backend in: register_impl(name, impl, check, rank)
-register_impl = dispatcher.register_impl
-
-
-register_impl("torch", DynaMixerImpl(_tb.mix_fwd, _tb.mix_bwd), torch_reason, rank=100)
-
-# limits of the Triton kernels: a program keeps a (rows, L, C/S) block of x and a
-# (rows, L, 16) block of logits in registers, and a full generate row of length L*d
-TRITON_MAX_L = 64
-TRITON_MAX_LD = 512
-TRITON_MAX_CS = 128
-
-
-def _register_triton() -> None:
-    from . import _triton
-
-    if not _triton.available():
-        return
-    from .kernels import dynamixer as _tk
-
-    def check(ctx, auto):
-        why = triton_reason(ctx, auto)
-        if why is None and ctx["L"] > TRITON_MAX_L:
-            why = f"sequence lengths up to {TRITON_MAX_L} are supported, got L={ctx['L']}"
-        if why is None and ctx["L"] * ctx["d"] > TRITON_MAX_LD:
-            why = f"L*d up to {TRITON_MAX_LD} is supported, got L*d={ctx['L'] * ctx['d']}"
-        if why is None and ctx["C"] // ctx["S"] > TRITON_MAX_CS:
-            why = f"channels per segment up to {TRITON_MAX_CS} are supported, got C/S={ctx['C'] // ctx['S']}"
-        return why
-
-    register_impl("triton", DynaMixerImpl(_tk.mix_fwd, _tk.mix_bwd), check, rank=20)
-
-
-_register_triton()
-
 
 # ---------------------------------------------------------------- custom ops
+
+LIB.define("dynamixer_fwd(Tensor x, Tensor compress_weight, Tensor? compress_bias, Tensor generate_weight, "
+           "Tensor? generate_bias, int segments, str backend) -> (Tensor, Tensor, Tensor)")
+LIB.define("dynamixer_bwd(Tensor dy, Tensor x, Tensor compress_weight, Tensor generate_weight, "
+           "Tensor? generate_bias, Tensor r, Tensor lse, int segments, bool need_compress_bias, str backend)"
+           " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-@torch.library.custom_op("vitattn::dynamixer_fwd", mutates_args=())
-def _dynamixer_fwd_op(
-    x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
-    generate_bias: Optional[Tensor], segments: int, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _fwd_shapes(x, compress_weight, segments):
+    *lead, L, C = x.shape
+    y = _tb.empty_tokenwise(x, C, x.dtype)
+    r = _tb.empty_tokenwise(x, compress_weight.shape[0], x.dtype)
+    lse = x.new_empty((*lead, segments, L), dtype=acc_dtype(x.dtype))
+    return y, r, lse
+
+
+def _dynamixer_fwd(x, compress_weight, compress_bias, generate_weight, generate_bias, segments, backend):
+    if x.numel() == 0:  # an empty batch of rows
+        return tuple(t.zero_() for t in _fwd_shapes(x, compress_weight, segments))
     r = _tb.compress_fwd(x, compress_weight, compress_bias)
     y, lse = dispatcher.impl(backend).mix_fwd(x, r, generate_weight, generate_bias, segments)
     return y, r, lse
 
 
-@_dynamixer_fwd_op.register_fake
-def _(x, compress_weight, compress_bias, generate_weight, generate_bias, segments, backend):
-    *lead, L, C = x.shape
-    y = _tb.empty_tokenwise(x, C, x.dtype)
-    r = _tb.empty_tokenwise(x, compress_weight.shape[0], x.dtype)
-    lse = x.new_empty((*lead, segments, L), dtype=_tb.acc_dtype(x.dtype))
-    return y, r, lse
-
-
-@torch.library.custom_op("vitattn::dynamixer_bwd", mutates_args=())
-def _dynamixer_bwd_op(
-    dy: Tensor, x: Tensor, compress_weight: Tensor, generate_weight: Tensor,
-    generate_bias: Optional[Tensor], r: Tensor, lse: Tensor, segments: int, need_compress_bias: bool,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _dynamixer_bwd(dy, x, compress_weight, generate_weight, generate_bias, r, lse, segments,
+                   need_compress_bias, backend):
+    if x.numel() == 0:
+        dbc = compress_weight.new_zeros((compress_weight.shape[0],)) if need_compress_bias else _empty(x)
+        dbg = _empty(x) if generate_bias is None else torch.zeros_like(generate_bias)
+        return (torch.zeros_like(x), torch.zeros_like(compress_weight), dbc, torch.zeros_like(generate_weight), dbg)
     dxm, dr, dwg, dbg = dispatcher.impl(backend).mix_bwd(dy, x, r, generate_weight, generate_bias, lse, segments)
     dx, dwc, dbc = _tb.compress_bwd(x, dxm, dr, compress_weight, need_compress_bias)
     dbc = _empty(x) if dbc is None else dbc.to(compress_weight.dtype)
@@ -107,7 +58,16 @@ def _dynamixer_bwd_op(
     return dx, dwc.to(compress_weight.dtype), dbc, dwg.to(generate_weight.dtype), dbg
 
 
-@_dynamixer_bwd_op.register_fake
+LIB.impl("dynamixer_fwd", _dynamixer_fwd, "CompositeExplicitAutograd")
+LIB.impl("dynamixer_bwd", _dynamixer_bwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("vitattn::dynamixer_fwd", lib=LIB)
+def _(x, compress_weight, compress_bias, generate_weight, generate_bias, segments, backend):
+    return _fwd_shapes(x, compress_weight, segments)
+
+
+@torch.library.register_fake("vitattn::dynamixer_bwd", lib=LIB)
 def _(dy, x, compress_weight, generate_weight, generate_bias, r, lse, segments, need_compress_bias, backend):
     dx = _tb.empty_tokenwise(x, x.shape[-1], x.dtype)
     dbc = compress_weight.new_empty((compress_weight.shape[0],)) if need_compress_bias else _empty(x)
@@ -130,22 +90,10 @@ def _backward(ctx, dy, _dr, _dlse):
     return (dx, dwc, dbc if ctx.has_bc else None, dwg, dbg if bg is not None else None, None, None)
 
 
-torch.library.register_autograd("vitattn::dynamixer_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("vitattn::dynamixer_fwd", _backward, setup_context=_setup_context, lib=LIB)
 
 
-# ---------------------------------------------------------------- public op
-
-
-def _autocast(*tensors: Optional[Tensor]):
-    """Under autocast, run in the autocast dtype (custom ops are not cast automatically)."""
-    if not all(t is None or isinstance(t, Tensor) for t in tensors) or not isinstance(tensors[0], Tensor):
-        return tensors  # validation reports the wrong type
-    dev = tensors[0].device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        low = torch.get_autocast_dtype(dev)
-        # only floating tensors: an integer x must still fail validation
-        return tuple(t.to(low) if t is not None and t.is_floating_point() else t for t in tensors)
-    return tensors
+# ---------------------------------------------------------------- validation and public op
 
 
 def _validate(x, compress_weight, compress_bias, generate_weight, generate_bias, segments) -> Tuple[int, int, int, int]:
@@ -153,8 +101,9 @@ def _validate(x, compress_weight, compress_bias, generate_weight, generate_bias,
     V.floating(OP, "x", x)
     S = V.positive_int(OP, "segments", segments)
     *lead, L, C = x.shape
-    if x.numel() == 0:
-        raise ValueError(f"{OP}: empty inputs are not supported, got x of shape {tuple(x.shape)}")
+    if L == 0 or C == 0:
+        raise ValueError(f"{OP}: x must have at least one token and one channel (L, C >= 1 in its last two "
+                         f"dims), got shape {tuple(x.shape)}")
     if C % S != 0:
         raise ValueError(f"{OP}: the channel count C={C} (last dim of x) must be divisible by segments={S}")
     V.tensor(OP, "compress_weight", compress_weight, 2)
@@ -207,15 +156,16 @@ def dynamixer(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor
     Returns (..., L, C) in x's dtype, laid out like x when x is a permuted dense tensor.
     """
     # autocast first: under autocast x (from an autocast linear) and the fp32 weights differ in dtype
-    x_c, wc, bc, wg, bg = _autocast(x, compress_weight, compress_bias, generate_weight, generate_bias)
+    x_c, wc, bc, wg, bg = autocast_inputs(x, compress_weight, compress_bias, generate_weight, generate_bias)
     L, C, S, d = _validate(x_c, wc, bc, wg, bg, segments)
-    name = dispatcher.choose(backend, _context(x_c, L, C, S, d))
+    name = dispatcher.choose(backend, _context(x_c, L, C, S, d), OP)
     y = torch.ops.vitattn.dynamixer_fwd(_to5d(x_c), wc, bc, wg, bg, S, name)[0]
     return y.reshape(x.shape)
 
 
 def explain(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor], generate_weight: Tensor,
-            generate_bias: Optional[Tensor], segments: int):
-    """[(backend, None or the reason it cannot run)] in the order "auto" tries them."""
-    L, C, S, d = _validate(x, compress_weight, compress_bias, generate_weight, generate_bias, segments)
-    return dispatcher.explain(_context(x, L, C, S, d))
+            generate_bias: Optional[Tensor], segments: int, *, backend: str = "auto"):
+    """Which backends can run ``dynamixer(x, ...)`` here, and why (not)."""
+    x, wc, bc, wg, bg = autocast_inputs(x, compress_weight, compress_bias, generate_weight, generate_bias)
+    L, C, S, d = _validate(x, wc, bc, wg, bg, segments)
+    return dispatcher.explain(_context(x, L, C, S, d), OP)

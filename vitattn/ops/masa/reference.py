@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..._dtypes import acc_dtype
 
 
 def gamma_per_head(gamma, heads: int, device, dtype) -> torch.Tensor:
@@ -35,7 +33,7 @@ def axis_distance(L: int, device=None, dtype=torch.float32) -> torch.Tensor:
 def masa(q, k, v, gamma, *, decomposed: bool = False, scale=None) -> torch.Tensor:
     """Manhattan self-attention on (B, heads, H, W, d) tensors; see vitattn.masa for the math."""
     B, heads, H, W, d = q.shape
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     scale = d ** -0.5 if scale is None else scale
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     log_g = torch.log(gamma_per_head(gamma, heads, q.device, acc))[None, :, None, None]

@@ -24,12 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..._dtypes import acc_dtype
+from ..._tiles import dense_elems
+
 # elements of one chunk's (rows, S, L, L) logits block: 2**22 fp32 values is 16 MiB
-BLOCK_ELEMS = 1 << 22
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- token-wise layout
@@ -99,8 +97,8 @@ def compress_bwd(x: Tensor, dx_mix: Tensor, d_r: Tensor, weight: Tensor, need_bi
 # ---------------------------------------------------------------- the "torch" backend (mix)
 
 
-def _chunks(rows: int, S: int, L: int):
-    step = max(1, BLOCK_ELEMS // (S * L * L))
+def _chunks(rows: int, S: int, L: int, dtype: torch.dtype):
+    step = max(1, dense_elems(dtype, 4) // (S * L * L))
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
 
@@ -135,7 +133,7 @@ def mix_fwd(x: Tensor, r: Tensor, wg: Tensor, bg: Optional[Tensor], S: int) -> T
     wg_a, bg_a = wg.to(acc), None if bg is None else bg.to(acc)
     y_flat = torch.empty(rows, L, C, device=x.device, dtype=x.dtype)
     lse = torch.empty(rows, S, L, device=x.device, dtype=acc)
-    for a, b in _chunks(rows, S, L):
+    for a, b in _chunks(rows, S, L, acc):
         p, lse_c = _probs(_segment_r(rr[a:b], S, acc), wg_a, bg_a, None)
         y = p.transpose(-1, -2) @ _segment_x(xr[a:b], S, acc)  # (c, S, L_j, C/S)
         y_flat[a:b] = y.transpose(1, 2).reshape(b - a, L, C).to(x.dtype)
@@ -157,7 +155,7 @@ def mix_bwd(dy: Tensor, x: Tensor, r: Tensor, wg: Tensor, bg: Optional[Tensor], 
     dr = torch.empty(rows, L, r.shape[-1], device=x.device, dtype=acc)
     dwg = torch.zeros(wg.shape, device=x.device, dtype=acc)
     dbg = torch.zeros(wg.shape[0], device=x.device, dtype=acc)
-    for a, b in _chunks(rows, S, L):
+    for a, b in _chunks(rows, S, L, acc):
         c = b - a
         r_s = _segment_r(rr[a:b], S, acc)
         p, _ = _probs(r_s, wg_a, bg_a, lse_r[a:b])

@@ -1,0 +1,1 @@
+"""DynaMixer's dynamic axial mixing: see op.py (public function) and backends.py."""

@@ -1,0 +1,1 @@
+"""SReT's group / permuted attention: see op.py (public function) and backends.py."""

@@ -1,0 +1,51 @@
+"""Group attention's backends: for each, the can-run check, the static rank and the
+implementation.
+
+Every implementation provides, on (B, heads, N, .) tensors of any strides and perm (N,)
+int64 or None:
+  fwd(q, k, v, perm, groups, scale) -> (out contiguous (B, heads, N, dv), lse (B, heads, N))
+  bwd(dout, q, k, v, out, lse, perm, groups, scale) -> (dq, dk, dv)
+out, lse and the gradients are in the original token order; lse is in the accumulation
+dtype (float32, float64 for float64 inputs).
+
+"auto" order (lower rank first): triton (CUDA), torch (anywhere), overridden per shape
+class by measured.json (see vitattn/_dispatch.py).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Dict
+
+from ... import _dispatch as D
+from ... import _triton
+from . import torch_impl
+
+NAMES = ("auto", "triton", "torch")
+MAX_HEAD_DIM = 256
+
+
+def shape_class(ctx: Dict[str, Any]) -> str:
+    """The key of measured.json: tokens per group band and whether tokens are permuted."""
+    n = ctx["group_size"]
+    band = "n<=16" if n <= 16 else "n<=64" if n <= 64 else "n<=256" if n <= 256 else "n>256"
+    return f"{band},{'perm' if ctx['permuted'] else 'no-perm'}"
+
+
+def _load_torch():
+    return SimpleNamespace(fwd=torch_impl.group_attention_fwd, bwd=torch_impl.group_attention_bwd)
+
+
+def _load_triton():
+    tk = _triton.kernels("group_attention")
+    return SimpleNamespace(fwd=tk.group_attention_fwd, bwd=tk.group_attention_bwd)
+
+
+BACKENDS = (
+    D.Backend("triton", 20, D.all_of(D.triton_check, D.head_dims_check(MAX_HEAD_DIM)), _load_triton),
+    D.Backend("torch", 100, D.any_device, _load_torch),
+)
+
+dispatcher = D.Dispatcher("group_attention", BACKENDS, NAMES, shape_class=shape_class,
+                          measured_path=os.path.join(os.path.dirname(__file__), "measured.json"))

@@ -1,0 +1,1 @@
+"""Manhattan self-attention (RMT): see op.py (public function) and backends.py."""

@@ -1,1 +1,0 @@
-"""The "torch" backend: memory-bounded PyTorch implementations used where no kernel runs."""
