@@ -227,3 +227,63 @@ def check_export(model, x):
     ep = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def cpu_alloc_peak_mib(fn) -> float:
+    """Peak of the CPU allocator's running total during fn() (MiB), from the profiler's memory
+    events: what the tensors need, independent of the process's earlier pages and of imports."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+# ---------------------------------------------------------------- RMT
+
+
+def official_retention(layer, x, init, rng, decomposed):
+    """The official VisionRetentionChunk/All computation written out densely (fp64, (heads, N, N) masks)."""
+    B, H, W, C = x.shape
+    n, d = layer.num_heads, layer.key_dim
+    # the official buffers are computed in float32 (then cast with the module)
+    angle = (1.0 / 10000 ** torch.linspace(0, 1, d // 2)).repeat_interleave(2).double()
+    decay = torch.log(1 - 2 ** (-init - rng * torch.arange(n, dtype=torch.float) / n)).double()
+    idx = torch.arange(H * W, dtype=torch.float64)
+    sin = torch.sin(idx[:, None] * angle).reshape(H, W, d)
+    cos = torch.cos(idx[:, None] * angle).reshape(H, W, d)
+
+    def shift(t):  # rotate every two channels: (x0, x1) -> (-x1, x0)
+        rot = torch.stack([-t[..., 1::2], t[..., 0::2]], dim=-1).flatten(-2)
+        return t * cos + rot * sin
+
+    q = layer.q_proj(x)
+    k = layer.k_proj(x) * d ** -0.5
+    v = layer.v_proj(x)
+    lepe = layer.lepe.conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    q = shift(q.view(B, H, W, n, d).permute(0, 3, 1, 2, 4))
+    k = shift(k.view(B, H, W, n, d).permute(0, 3, 1, 2, 4))
+    v = v.view(B, H, W, n, -1).permute(0, 3, 1, 2, 4)  # (B, n, H, W, dv)
+    if decomposed:
+        dw = (torch.arange(W)[:, None] - torch.arange(W)[None]).abs().double()
+        dh = (torch.arange(H)[:, None] - torch.arange(H)[None]).abs().double()
+        a = torch.softmax(q @ k.transpose(-1, -2) + decay[:, None, None, None] * dw, -1)
+        v = a @ v  # along W inside rows
+        qh, kh, vh = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)
+        a = torch.softmax(qh @ kh.transpose(-1, -2) + decay[:, None, None, None] * dh, -1)
+        o = (a @ vh).transpose(2, 3)
+    else:
+        rr = torch.arange(H).repeat_interleave(W)
+        cc = torch.arange(W).repeat(H)
+        dist = ((rr[:, None] - rr[None]).abs() + (cc[:, None] - cc[None]).abs()).double()
+        a = torch.softmax(q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2) + decay[:, None, None] * dist, -1)
+        o = (a @ v.flatten(2, 3)).reshape(B, n, H, W, -1)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    return layer.out_proj(o + lepe)

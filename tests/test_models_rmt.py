@@ -19,7 +19,7 @@ from _models_util import (DEV, assert_every_param_has_finite_nonzero_grad, bf16_
                           check_channels_last_and_strided_inputs, check_checkpointing_same_grads,
                           check_compiled_block, check_drop_path_in_training_only,
                           check_eval_determinism_and_batch_independence, check_export, check_strict_round_trip,
-                          images, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse fixture)
+                          images, official_retention, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse fixture)
 
 try:  # registers the compiled "cpu"/"cuda" MaSA backends where the extension is built
     import vitattn._extension  # noqa: F401
@@ -103,46 +103,6 @@ def test_param_count_and_state_dict_layout(name):
 
 
 # ---------------------------------------------------------------- the attention layer vs the official math
-
-
-def official_retention(layer, x, init, rng, decomposed):
-    """The official VisionRetentionChunk/All computation written out densely (fp64, (heads, N, N) masks)."""
-    B, H, W, C = x.shape
-    n, d = layer.num_heads, layer.key_dim
-    # the official buffers are computed in float32 (then cast with the module)
-    angle = (1.0 / 10000 ** torch.linspace(0, 1, d // 2)).repeat_interleave(2).double()
-    decay = torch.log(1 - 2 ** (-init - rng * torch.arange(n, dtype=torch.float) / n)).double()
-    idx = torch.arange(H * W, dtype=torch.float64)
-    sin = torch.sin(idx[:, None] * angle).reshape(H, W, d)
-    cos = torch.cos(idx[:, None] * angle).reshape(H, W, d)
-
-    def shift(t):  # rotate every two channels: (x0, x1) -> (-x1, x0)
-        rot = torch.stack([-t[..., 1::2], t[..., 0::2]], dim=-1).flatten(-2)
-        return t * cos + rot * sin
-
-    q = layer.q_proj(x)
-    k = layer.k_proj(x) * d ** -0.5
-    v = layer.v_proj(x)
-    lepe = layer.lepe.conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    q = shift(q.view(B, H, W, n, d).permute(0, 3, 1, 2, 4))
-    k = shift(k.view(B, H, W, n, d).permute(0, 3, 1, 2, 4))
-    v = v.view(B, H, W, n, -1).permute(0, 3, 1, 2, 4)  # (B, n, H, W, dv)
-    if decomposed:
-        dw = (torch.arange(W)[:, None] - torch.arange(W)[None]).abs().double()
-        dh = (torch.arange(H)[:, None] - torch.arange(H)[None]).abs().double()
-        a = torch.softmax(q @ k.transpose(-1, -2) + decay[:, None, None, None] * dw, -1)
-        v = a @ v  # along W inside rows
-        qh, kh, vh = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)
-        a = torch.softmax(qh @ kh.transpose(-1, -2) + decay[:, None, None, None] * dh, -1)
-        o = (a @ vh).transpose(2, 3)
-    else:
-        rr = torch.arange(H).repeat_interleave(W)
-        cc = torch.arange(W).repeat(H)
-        dist = ((rr[:, None] - rr[None]).abs() + (cc[:, None] - cc[None]).abs()).double()
-        a = torch.softmax(q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2) + decay[:, None, None] * dist, -1)
-        o = (a @ v.flatten(2, 3)).reshape(B, n, H, W, -1)
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
-    return layer.out_proj(o + lepe)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

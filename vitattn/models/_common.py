@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from ._features import check_feature_kwargs
+
 # Keys under which training scripts (DeiT/timm/RMT/SReT style) nest the weights in a checkpoint.
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
@@ -20,6 +22,18 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 ATTN_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# the ImageNet normalisation every model here was trained with (timm's IMAGENET_DEFAULT_*)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pretrained_cfg(name: str, model: nn.Module) -> Dict[str, Any]:
+    """timm's per-model data configuration (read by timm.data.resolve_model_data_config)."""
+    size = getattr(model, "img_size", 224)
+    return dict(architecture=name, input_size=(3, size, size), fixed_input_size=name.startswith("dynamixer"),
+                interpolation="bicubic", crop_pct=0.9, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                num_classes=getattr(model, "num_classes", 0), classifier="head")
 
 
 def _extract_state_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
@@ -51,16 +65,58 @@ def load_pretrained(model: nn.Module, path) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_pretrained: model must be a torch.nn.Module, got {type(model).__name__}")
+    sd = _read_state_dict(path, "load_pretrained")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _read_state_dict(path, who: str) -> Dict[str, torch.Tensor]:
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            f"load_pretrained: path must be a local file path (str or os.PathLike), got {type(path).__name__}"
-        )
+        raise TypeError(f"{who}: path must be a local file path (str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"load_pretrained: path {path!r} is not an existing file (no network download is done)")
+        raise ValueError(f"{who}: path {path!r} is not an existing file (no network download is done)")
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = _extract_state_dict(obj, path)
-    model.load_state_dict(sd, strict=True)
+    return _extract_state_dict(obj, path)
+
+
+def _has_prefix(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def load_features_checkpoint(model: nn.Module, path) -> nn.Module:
+    """Load a local checkpoint into a feature model (``features_only=True``) and return the model.
+
+    The checkpoint may hold the feature model's own state_dict, a detector's / segmentor's
+    (its ``backbone.`` keys are taken, the rest ignored), or the classification model's: then
+    the keys under ``model.checkpoint_skip`` (the head, and stages the feature model does not
+    run) are dropped and the modules under ``model.checkpoint_may_lack`` (RMT's extra_norms)
+    keep their values, as the official detection configs load classification weights. Every
+    other key must match in name and shape; otherwise RuntimeError names the keys.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_features_checkpoint: model must be a torch.nn.Module, got {type(model).__name__}")
+    sd = _read_state_dict(path, "load_features_checkpoint")
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    skip = tuple(getattr(model, "checkpoint_skip", ()))
+    own = model.state_dict()
+    dropped = [k for k in sd if k not in own and _has_prefix(k, skip)]
+    for k in dropped:
+        del sd[k]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    # only a classification checkpoint (it had head keys) may lack the feature model's extra modules
+    may_lack = tuple(getattr(model, "checkpoint_may_lack", ())) if dropped else ()
+    bad_missing = [k for k in missing if not _has_prefix(k, may_lack)]
+    if bad_missing or unexpected:
+        raise RuntimeError(
+            f"load_features_checkpoint: {os.fspath(path)!r} does not fit {type(model).__name__}: "
+            f"missing keys {bad_missing[:10]}{' ...' if len(bad_missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+        )
+    # shapes are checked by load_state_dict; missing keys here are only the allowed ones
+    model.load_state_dict(sd, strict=not missing)
     return model
 
 
@@ -95,10 +151,17 @@ def check_attn_backend(name: str, attn_backend) -> str:
     return attn_backend
 
 
-def build(name: str, cls: Callable[..., nn.Module], pretrained, cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
-    """Construct ``cls(**cfg, **kwargs)`` (kwargs override cfg) and load ``pretrained`` if it is a path."""
+def build(name: str, cls: Callable[..., nn.Module], pretrained, cfg: Dict[str, Any], kwargs: Dict[str, Any],
+          features_cls: Optional[Callable[..., nn.Module]] = None) -> nn.Module:
+    """Construct ``cls(**cfg, **kwargs)`` (kwargs override cfg) and load ``pretrained`` if it is a path.
+
+    timm's ``features_only=True`` (with ``out_indices``) builds ``features_cls`` instead, with
+    the same configuration; a classification checkpoint then loads with its head dropped
+    (:func:`load_features_checkpoint`). ``num_classes`` / ``global_pool`` are ignored there.
+    """
     for k in _TIMM_ONLY_KWARGS:
         kwargs.pop(k, None)
+    features_only, out_indices = check_feature_kwargs(name, kwargs)
     if pretrained is True:
         raise ValueError(
             f"{name}: pretrained=True would need a download; pass the path of a local checkpoint instead"
@@ -113,9 +176,21 @@ def build(name: str, cls: Callable[..., nn.Module], pretrained, cfg: Dict[str, A
         raise ValueError(
             f"{name}: pretrained path {os.fspath(pretrained)!r} is not an existing file (no network download is done)"
         )
-    model = cls(**{**cfg, **kwargs})
-    if pretrained not in (False, None):
-        load_pretrained(model, pretrained)
+    if features_only:
+        if features_cls is None:
+            raise ValueError(f"{name}: features_only=True is not supported by this model")
+        for k in ("num_classes", "global_pool"):
+            kwargs.pop(k, None)
+        if out_indices is not None:
+            kwargs["out_indices"] = out_indices
+        model = features_cls(**{**cfg, **kwargs})
+        if pretrained not in (False, None):
+            load_features_checkpoint(model, pretrained)
+    else:
+        model = cls(**{**cfg, **kwargs})
+        if pretrained not in (False, None):
+            load_pretrained(model, pretrained)
+    model.pretrained_cfg = pretrained_cfg(name, model)
     return model
 
 

@@ -21,10 +21,20 @@ Semantics kept from the official code:
 
 Every block takes ``attn_backend`` ("auto", "cuda", "triton", "cpu" or "torch"), passed to
 vitattn.masa, so the same weights run fused or on the PyTorch backend.
+
+Detection and segmentation: :class:`RMT` is the official backbone (qhfan/RMT
+``detect/mmdet/models/backbones/RMT.py``): the same arguments and state_dict
+(``patch_embed``, ``layers``, ``extra_norms``), a list of NCHW maps per ``out_indices``,
+``norm_eval``. ``rmt_t(features_only=True, out_indices=...)`` (also through timm) builds it
+with RMT-T's configuration; :func:`rmt_backbone` ("t", "s", "b", "l") with the official
+detection / segmentation configurations (:data:`BACKBONE_CFGS`). vitattn.masa needs memory
+linear in the token count in both forms, so full (non-decomposed) MaSA runs at detection
+resolution, where the official dense (heads, N, N) masks do not fit.
 """
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -33,10 +43,12 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
 from .. import masa
-from ._common import DropPath, build, check_attn_backend, maybe_register_timm
+from ._common import DropPath, build, check_attn_backend, load_features_checkpoint
+from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 
-__all__ = ["VisRetNet", "RetBlock", "VisionRetention", "rmt_t", "rmt_s", "rmt_b", "rmt_l"]
+__all__ = ["VisRetNet", "RMT", "RetBlock", "VisionRetention", "rmt_t", "rmt_s", "rmt_b", "rmt_l", "rmt_backbone",
+           "BACKBONE_CFGS", "load_backbone_checkpoint"]
 
 
 class DWConv2d(nn.Module):
@@ -116,6 +128,8 @@ class VisionRetention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.q_proj.weight.is_meta:
+            return  # layout only (torch.device("meta")): nothing to draw
         nn.init.xavier_normal_(self.q_proj.weight, gain=2 ** -2.5)
         nn.init.xavier_normal_(self.k_proj.weight, gain=2 ** -2.5)
         nn.init.xavier_normal_(self.v_proj.weight, gain=2 ** -2.5)
@@ -231,7 +245,8 @@ class BasicLayer(nn.Module):
         ])
         self.downsample = PatchMerging(embed_dim, out_dim) if downsample else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        """The stage's blocks alone: (B, H, W, C) -> (B, H, W, C), before the downsampling."""
         _, H, W, _ = x.shape
         rel_pos = self.Relpos(H, W)  # shared by the stage's blocks
         for blk in self.blocks:
@@ -239,6 +254,10 @@ class BasicLayer(nn.Module):
                 x = torch_checkpoint.checkpoint(blk, x, rel_pos, use_reentrant=False)
             else:
                 x = blk(x, rel_pos)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.forward_blocks(x)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -264,17 +283,95 @@ class PatchEmbed(nn.Module):
 
 
 def _per_stage(name: str, value, n: int) -> List:
+    if isinstance(value, (bool, int, float)):
+        raise TypeError(f"{name} must have one entry per stage ({n}), got the single value {value!r}")
     value = list(value)
     if len(value) != n:
-        raise ValueError(f"VisRetNet: {name} must have one entry per stage ({n}), got {len(value)}")
+        raise ValueError(f"{name} must have one entry per stage ({n}), got {len(value)}")
     return value
 
 
-class VisRetNet(nn.Module):
+def _build_trunk(model: nn.Module, owner: str, in_chans: int, embed_dims, depths, num_heads, init_values,
+                 heads_ranges, mlp_ratios, drop_path_rate: float, use_checkpoints, chunkwise_recurrents,
+                 layerscales, layer_init_values: float, attn_backend: str) -> List[int]:
+    """Give ``model`` the stem and stages shared by the classifier and the backbone
+    (``patch_embed``, ``layers``); returns the per-stage widths."""
+    check_attn_backend(owner, attn_backend)
+    depths = list(depths)
+    n = len(depths)
+    try:
+        embed_dims = _per_stage("embed_dims", embed_dims, n)
+        num_heads = _per_stage("num_heads", num_heads, n)
+        init_values = _per_stage("init_values", init_values, n)
+        heads_ranges = _per_stage("heads_ranges", heads_ranges, n)
+        mlp_ratios = _per_stage("mlp_ratios", mlp_ratios, n)
+        use_checkpoints = _per_stage("use_checkpoints", use_checkpoints, n)
+        chunkwise_recurrents = _per_stage("chunkwise_recurrents", chunkwise_recurrents, n)
+        layerscales = _per_stage("layerscales", layerscales, n)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{owner}: {exc}") from None
+    for i, (c, h) in enumerate(zip(embed_dims, num_heads)):
+        if c % h:
+            raise ValueError(f"{owner}: embed_dims[{i}]={c} is not divisible by num_heads[{i}]={h}")
+    model.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+    # stochastic depth decay rule (on the CPU, so that building under torch.device("meta") works)
+    dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+    model.layers = nn.ModuleList()
+    for i in range(n):
+        start = sum(depths[:i])
+        model.layers.append(BasicLayer(
+            embed_dim=embed_dims[i],
+            out_dim=embed_dims[i + 1] if i < n - 1 else None,
+            depth=depths[i],
+            num_heads=num_heads[i],
+            init_value=init_values[i],
+            heads_range=heads_ranges[i],
+            ffn_dim=int(mlp_ratios[i] * embed_dims[i]),
+            drop_path=dpr[start:start + depths[i]],
+            chunkwise_recurrent=chunkwise_recurrents[i],
+            downsample=i < n - 1,
+            use_checkpoint=use_checkpoints[i],
+            layerscale=layerscales[i],
+            layer_init_values=layer_init_values,
+            attn_backend=attn_backend,
+        ))
+    return embed_dims
+
+
+def _init_weights(m: nn.Module) -> None:
+    # as officially: applied after the layers' own init, so every Linear ends truncated-normal
+    if getattr(getattr(m, "weight", None), "is_meta", False):
+        return  # layout only (torch.device("meta")): nothing to draw, and meta in-place ops are slow
+    if isinstance(m, nn.Linear):
+        # officially trunc_normal_(std=.02) with the default absolute bounds (-2, 2): 100 sigma,
+        # so the truncation never acts; normal_ draws the same distribution far faster on CPU
+        with torch.no_grad():
+            m.weight.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+def _check_images(owner: str, x, in_chans: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"{owner}: x must have shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+
+
+def _levels(embed_dims: Sequence[int]) -> List[dict]:
+    # stage i runs at stride 4 * 2**i (the stem halves twice, every PatchMerging once more)
+    return [dict(num_chs=c, reduction=4 * 2 ** i, module=f"layers.{i}") for i, c in enumerate(embed_dims)]
+
+
+class VisRetNet(IntermediatesMixin, nn.Module):
     """The RMT backbone and classifier (official class name and module tree).
 
-    Input (B, in_chans, H, W) with H, W multiples of 32 recommended (any size >= 32 works:
-    the stem and downsampling convs pad). Returns (B, num_classes) logits.
+    Input (B, in_chans, H, W) of any size (the stem and downsampling convs pad: every stride-2
+    step gives ceil(size / 2), as in the official code). Returns (B, num_classes) logits.
+    ``forward_intermediates`` gives the per-stage maps (before each downsampling).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, embed_dims=(96, 192, 384, 768),
@@ -287,66 +384,23 @@ class VisRetNet(nn.Module):
         check_attn_backend("VisRetNet", attn_backend)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"VisRetNet: num_classes must be an int >= 0, got {num_classes!r}")
-        n = len(depths)
-        embed_dims = _per_stage("embed_dims", embed_dims, n)
-        num_heads = _per_stage("num_heads", num_heads, n)
-        init_values = _per_stage("init_values", init_values, n)
-        heads_ranges = _per_stage("heads_ranges", heads_ranges, n)
-        mlp_ratios = _per_stage("mlp_ratios", mlp_ratios, n)
-        use_checkpoints = _per_stage("use_checkpoints", use_checkpoints, n)
-        chunkwise_recurrents = _per_stage("chunkwise_recurrents", chunkwise_recurrents, n)
-        layerscales = _per_stage("layerscales", layerscales, n)
-        for i, (c, h) in enumerate(zip(embed_dims, num_heads)):
-            if c % h:
-                raise ValueError(f"VisRetNet: embed_dims[{i}]={c} is not divisible by num_heads[{i}]={h}")
-
+        embed_dims = _build_trunk(self, "VisRetNet", in_chans, embed_dims, depths, num_heads, init_values,
+                                  heads_ranges, mlp_ratios, drop_path_rate, use_checkpoints, chunkwise_recurrents,
+                                  layerscales, layer_init_values, attn_backend)
         self.num_classes = num_classes
-        self.num_layers = n
+        self.num_layers = len(embed_dims)
         self.embed_dim = embed_dims[0]
+        self.embed_dims = embed_dims
         self.num_features = embed_dims[-1]
-        self.mlp_ratios = mlp_ratios
+        self.projection = projection
+        self.mlp_ratios = list(mlp_ratios)
         self.attn_backend = attn_backend
-
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        # stochastic depth decay rule (on the CPU, so that building under torch.device("meta") works)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.layers = nn.ModuleList()
-        for i in range(n):
-            start = sum(depths[:i])
-            self.layers.append(BasicLayer(
-                embed_dim=embed_dims[i],
-                out_dim=embed_dims[i + 1] if i < n - 1 else None,
-                depth=depths[i],
-                num_heads=num_heads[i],
-                init_value=init_values[i],
-                heads_range=heads_ranges[i],
-                ffn_dim=int(mlp_ratios[i] * embed_dims[i]),
-                drop_path=dpr[start:start + depths[i]],
-                chunkwise_recurrent=chunkwise_recurrents[i],
-                downsample=i < n - 1,
-                use_checkpoint=use_checkpoints[i],
-                layerscale=layerscales[i],
-                layer_init_values=layer_init_values,
-                attn_backend=attn_backend,
-            ))
         self.proj = nn.Linear(self.num_features, projection)
         self.norm = nn.BatchNorm2d(projection)
         self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(_init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # as officially: applied after the layers' own init, so every Linear ends truncated-normal
-        if isinstance(m, nn.Linear):
-            # officially trunc_normal_(std=.02) with the default absolute bounds (-2, 2): 100 sigma,
-            # so the truncation never acts; normal_ draws the same distribution far faster on CPU
-            with torch.no_grad():
-                m.weight.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+    _init_weights = staticmethod(_init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -356,22 +410,162 @@ class VisRetNet(nn.Module):
     def no_weight_decay_keywords(self):
         return {"relative_position_bias_table"}
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) images -> (B, projection) pooled features."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"VisRetNet: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.patch_embed.in_chans:
-            raise ValueError(
-                f"VisRetNet: x must have shape (B, {self.patch_embed.in_chans}, H, W), got {tuple(x.shape)}"
-            )
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "") -> None:
+        """A fresh head for ``num_classes`` (0: none, forward returns the pooled features)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"VisRetNet: num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        device = self.proj.weight.device
+        self.head = nn.Linear(self.projection, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
+
+    def feature_levels(self) -> List[dict]:
+        return _levels(self.embed_dims)
+
+    def _forward_levels(self, x: Tensor, take: Sequence[int], last: int) -> Tuple[List[Tensor], Tensor]:
+        _check_images("VisRetNet", x, self.patch_embed.in_chans)
         x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x)
+        maps = []
+        for i in range(last + 1):
+            layer = self.layers[i]
+            x = layer.forward_blocks(x)
+            if i in take:
+                maps.append(x.permute(0, 3, 1, 2).contiguous())
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return maps, x
+
+    def _finish(self, x: Tensor) -> Tensor:
         x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (B, projection, h, w)
         return F.silu(x).mean(dim=(2, 3))  # Swish, then the average pool
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images -> (B, projection) pooled features."""
+        return self._finish(self._forward_levels(x, (), self.num_layers - 1)[1])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.head(x)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
+
+
+class RMT(nn.Module):
+    """The official detection / segmentation backbone (qhfan/RMT ``detect/mmdet/models/backbones/RMT.py``,
+    identical under ``segmentation/mmseg``) on ``vitattn.masa``: the same constructor arguments,
+    module tree and state_dict (``patch_embed``, ``layers``, ``extra_norms``), so the backbone
+    weights of the official detection and segmentation checkpoints load with ``strict=True``.
+
+    ``forward(x)`` returns a list with, for every level in ``out_indices``, the stage's output
+    before its downsampling, through that level's LayerNorm (``extra_norms[i]``), as a
+    contiguous (B, embed_dims[i], ceil(H / 2**(i+2)), ceil(W / 2**(i+2))) map. Any input size
+    works (the strided convs pad). Stages after the last requested level are not run.
+
+    ``norm_eval`` (default True, as officially): ``train()`` leaves every BatchNorm layer in
+    eval mode, so the running statistics of the pretrained weights stay fixed under
+    detection-size batches. (The official override tests ``isinstance(m, nn.BatchNorm2d)``,
+    which its SyncBatchNorm layers are not; here every BatchNorm kind, SyncBatchNorm
+    included, is kept in eval mode.) ``train()`` returns the module.
+
+    ``norm_layer``, ``patch_norm`` and ``projection`` are accepted for the official signature
+    and unused, as officially. ``use_checkpoint`` (one bool, or one per stage) runs each block
+    under activation checkpointing. ``attn_backend`` is passed to vitattn.masa.
+    """
+
+    def __init__(self, in_chans: int = 3, out_indices=(0, 1, 2, 3), embed_dims=(96, 192, 384, 768),
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), init_values=(1, 1, 1, 1), heads_ranges=(3, 3, 3, 3),
+                 mlp_ratios=(3, 3, 3, 3), drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, patch_norm: bool = True,
+                 use_checkpoint=False, chunkwise_recurrents=(True, True, False, False), projection: int = 1024,
+                 layerscales=(False, False, False, False), layer_init_values: float = 1e-6, norm_eval: bool = True,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        if norm_layer is not nn.LayerNorm:
+            raise ValueError(f"RMT: norm_layer must be nn.LayerNorm (the official backbone ignores it), got {norm_layer!r}")
+        if not isinstance(norm_eval, bool):
+            raise TypeError(f"RMT: norm_eval must be a bool, got {type(norm_eval).__name__}")
+        n = len(depths)
+        use_checkpoints = [use_checkpoint] * n if isinstance(use_checkpoint, bool) else use_checkpoint
+        embed_dims = _build_trunk(self, "RMT", in_chans, embed_dims, depths, num_heads, init_values, heads_ranges,
+                                  mlp_ratios, drop_path_rate, use_checkpoints, chunkwise_recurrents, layerscales,
+                                  layer_init_values, attn_backend)
+        self.out_indices = tuple(take_indices(n, out_indices, "RMT: out_indices"))
+        self.num_layers = n
+        self.embed_dim = embed_dims[0]
+        self.embed_dims = embed_dims
+        self.num_features = embed_dims[-1]
+        self.mlp_ratios = list(mlp_ratios)
+        self.norm_eval = norm_eval
+        self.attn_backend = attn_backend
+        # one LayerNorm per level (default eps, as officially), whichever levels are returned
+        self.extra_norms = nn.ModuleList([nn.LayerNorm(c) for c in embed_dims])
+        self.apply(_init_weights)
+
+    # a classification checkpoint: its head is dropped, extra_norms keep their init (load_features_checkpoint)
+    checkpoint_skip = ("proj", "norm", "head")
+    checkpoint_may_lack = ("extra_norms",)
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        return FeatureInfo(_levels(self.embed_dims), self.out_indices)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"absolute_pos_embed"}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        return {"relative_position_bias_table"}
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        _check_images("RMT", x, self.patch_embed.in_chans)
+        x = self.patch_embed(x)
+        outs = []
+        for i in range(self.out_indices[-1] + 1):
+            layer = self.layers[i]
+            x = layer.forward_blocks(x)
+            if i in self.out_indices:
+                outs.append(self.extra_norms[i](x).permute(0, 3, 1, 2).contiguous())
+            if layer.downsample is not None and i < self.out_indices[-1]:
+                x = layer.downsample(x)
+        return outs
+
+    def train(self, mode: bool = True) -> "RMT":
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def init_weights(self, pretrained=None) -> None:
+        """The official hook (mmdet / mmseg 2.x call it): ``pretrained`` None re-initialises the
+        weights; a path loads a classification checkpoint (head dropped, ``extra_norms`` kept
+        at their init) or a backbone / detector / segmentor checkpoint (strictly)."""
+        if pretrained is None:
+            self.apply(_init_weights)
+        elif isinstance(pretrained, (str, os.PathLike)):
+            self.apply(_init_weights)
+            load_backbone_checkpoint(self, pretrained)
+        else:
+            raise TypeError(f"RMT: pretrained must be a str or None, got {type(pretrained).__name__}")
+
+
+def load_backbone_checkpoint(model: "RMT", path) -> "RMT":
+    """Load into an :class:`RMT` backbone a local checkpoint holding either
+
+    * its own state_dict (or an official detector / segmentor checkpoint, whose ``backbone.``
+      keys are taken): every key must match (strict);
+    * a classification (VisRetNet) state_dict: ``proj`` / ``norm`` / ``head`` are dropped and
+      ``extra_norms`` keep their values, as the official configs' ``load_checkpoint(strict=False)``
+      does; every other key must match.
+
+    Returns the model. Raises RuntimeError naming the keys that do not fit.
+    """
+    return load_features_checkpoint(model, path)
 
 
 # ---------------------------------------------------------------- official configurations
@@ -401,30 +595,70 @@ _CFGS = {
     ),
 }
 
+# The backbone arguments of the official detection and segmentation configs (qhfan/RMT
+# detect/configs/RMT/{retinanet,maskrcnn,casrcnn}_{t,s,m,l}_*.py and segmentation/configs/RMT/
+# RMT_{FPN,Uper}_{t,s,m,l}_*.py; "m" there is "b" here). Stage 3 of "t" is full MaSA.
+BACKBONE_CFGS = {
+    "t": dict(embed_dims=[64, 128, 256, 512], depths=[2, 2, 8, 2], num_heads=[4, 4, 8, 16], init_values=[2, 2, 2, 2],
+              heads_ranges=[4, 4, 6, 6], mlp_ratios=[3, 3, 3, 3], drop_path_rate=0.1,
+              chunkwise_recurrents=[True, True, False, False], layerscales=[False, False, False, False],
+              out_indices=(0, 1, 2, 3)),
+    "s": dict(embed_dims=[64, 128, 256, 512], depths=[3, 4, 18, 4], num_heads=[4, 4, 8, 16], init_values=[2, 2, 2, 2],
+              heads_ranges=[4, 4, 6, 6], mlp_ratios=[4, 4, 3, 3], drop_path_rate=0.15,
+              chunkwise_recurrents=[True, True, True, False], layerscales=[False, False, False, False],
+              out_indices=(0, 1, 2, 3)),
+    "b": dict(embed_dims=[80, 160, 320, 512], depths=[4, 8, 25, 8], num_heads=[5, 5, 10, 16], init_values=[2, 2, 2, 2],
+              heads_ranges=[5, 5, 6, 6], mlp_ratios=[4, 4, 3, 3], drop_path_rate=0.4,
+              chunkwise_recurrents=[True, True, True, False], layerscales=[False, False, True, True],
+              layer_init_values=1e-6, out_indices=(0, 1, 2, 3)),
+    "l": dict(embed_dims=[112, 224, 448, 640], depths=[4, 8, 25, 8], num_heads=[7, 7, 14, 20],
+              init_values=[2, 2, 2, 2], heads_ranges=[6, 6, 6, 6], mlp_ratios=[4, 4, 3, 3], drop_path_rate=0.5,
+              chunkwise_recurrents=[True, True, True, False], layerscales=[False, False, True, True],
+              layer_init_values=1e-6, out_indices=(0, 1, 2, 3)),
+}
+
+
+def rmt_backbone(size: str = "t", pretrained=None, **kwargs) -> RMT:
+    """The official detection / segmentation backbone ``size`` ("t", "s", "b" or "l"; the
+    official "m" is accepted for "b"), keyword arguments overriding the config (e.g.
+    ``chunkwise_recurrents``, ``out_indices``, ``norm_eval``, ``attn_backend``).
+    ``pretrained``: a local classification, backbone, detector or segmentor checkpoint."""
+    key = {"m": "b"}.get(size, size)
+    if key not in BACKBONE_CFGS:
+        raise ValueError(f"rmt_backbone: size must be one of {sorted(BACKBONE_CFGS) + ['m']}, got {size!r}")
+    model = RMT(**{**BACKBONE_CFGS[key], **kwargs})
+    if pretrained not in (None, False):
+        load_backbone_checkpoint(model, pretrained)
+    return model
+
+
+def _make(name: str, pretrained, kwargs):
+    return build(name, VisRetNet, pretrained, _CFGS[name], kwargs, features_cls=RMT)
+
 
 @register_model
-@maybe_register_timm
 def rmt_t(pretrained=False, **kwargs) -> VisRetNet:
-    """RMT-T (official RMT_T3, 14.3M parameters). ``pretrained``: local checkpoint path."""
-    return build("rmt_t", VisRetNet, pretrained, _CFGS["rmt_t"], kwargs)
+    """RMT-T (official RMT_T3, 14.3M parameters). ``pretrained``: local checkpoint path.
+    ``features_only=True`` (with ``out_indices``) builds the official detection backbone :class:`RMT`."""
+    return _make("rmt_t", pretrained, kwargs)
 
 
 @register_model
-@maybe_register_timm
 def rmt_s(pretrained=False, **kwargs) -> VisRetNet:
-    """RMT-S (official RMT_S, 27.0M parameters). ``pretrained``: local checkpoint path."""
-    return build("rmt_s", VisRetNet, pretrained, _CFGS["rmt_s"], kwargs)
+    """RMT-S (official RMT_S, 27.0M parameters). ``pretrained``: local checkpoint path.
+    ``features_only=True`` (with ``out_indices``) builds the official detection backbone :class:`RMT`."""
+    return _make("rmt_s", pretrained, kwargs)
 
 
 @register_model
-@maybe_register_timm
 def rmt_b(pretrained=False, **kwargs) -> VisRetNet:
-    """RMT-B (official RMT_M2, 54.2M parameters). ``pretrained``: local checkpoint path."""
-    return build("rmt_b", VisRetNet, pretrained, _CFGS["rmt_b"], kwargs)
+    """RMT-B (official RMT_M2, 54.2M parameters). ``pretrained``: local checkpoint path.
+    ``features_only=True`` (with ``out_indices``) builds the official detection backbone :class:`RMT`."""
+    return _make("rmt_b", pretrained, kwargs)
 
 
 @register_model
-@maybe_register_timm
 def rmt_l(pretrained=False, **kwargs) -> VisRetNet:
-    """RMT-L (official RMT_L6, 95.5M parameters). ``pretrained``: local checkpoint path."""
-    return build("rmt_l", VisRetNet, pretrained, _CFGS["rmt_l"], kwargs)
+    """RMT-L (official RMT_L6, 95.5M parameters). ``pretrained``: local checkpoint path.
+    ``features_only=True`` (with ``out_indices``) builds the official detection backbone :class:`RMT`."""
+    return _make("rmt_l", pretrained, kwargs)

@@ -41,19 +41,20 @@ Every SeT layer takes ``attn_backend`` ("auto", "triton" or "torch"), passed to 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from ._common import DropPath, build, maybe_register_timm
+from ._common import DropPath, build
+from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 
 from ..ops.sinkhorn import op as _sinkhorn
 
-__all__ = ["SeTformer", "SeTBlock", "SeTAttention", "setformer_mini", "setformer_tiny", "setformer_small",
+__all__ = ["SeTformer", "SeTformerFeatures", "SeTBlock", "SeTAttention", "setformer_mini", "setformer_tiny", "setformer_small",
            "setformer_base"]
 
 SINKHORN_BACKENDS = ("auto", "triton", "torch")
@@ -109,6 +110,8 @@ class SeTAttention(nn.Module):
 
     def reset_references(self) -> None:
         # unit vectors: the forward normalises them anyway, and unit norm keeps their gradients O(1)
+        if self.ref.is_meta:
+            return
         with torch.no_grad():
             self.ref.normal_()
             self.ref.div_(self.ref.norm(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -221,12 +224,17 @@ class SeTStage(nn.Module):
         ])
         self.downsample = ConvDownsample(dim, out_dim) if out_dim is not None else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        """The stage's blocks alone, before the downsampling: (B, H, W, C) -> (B, H, W, C)."""
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = torch_checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.forward_blocks(x)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -239,10 +247,11 @@ def _per_stage(name: str, value, n: int) -> list:
     return value
 
 
-class SeTformer(nn.Module):
+class SeTformer(IntermediatesMixin, nn.Module):
     """Hierarchical SeTformer backbone and classifier (our reconstruction; see the module docstring).
 
-    Input (B, in_chans, H, W); returns (B, num_classes) logits.
+    Input (B, in_chans, H, W) of any size (every stride-2 conv pads: ceil(size / 2); the
+    position filter is built for each stage's grid); returns (B, num_classes) logits.
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 64,
@@ -260,6 +269,7 @@ class SeTformer(nn.Module):
         dims = [embed_dim * 2 ** i for i in range(n)]
         self.num_classes = num_classes
         self.num_features = dims[-1]
+        self.dims = dims
         self.attn_backend = attn_backend
         self.patch_embed = ConvStem(in_chans, embed_dim)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -277,6 +287,8 @@ class SeTformer(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
+        if getattr(getattr(m, "weight", None), "is_meta", False):
+            return  # layout only (torch.device("meta")): nothing to draw, and meta in-place ops are slow
         if isinstance(m, nn.Linear):
             with torch.no_grad():  # truncated normal at 100 sigma == normal, far cheaper
                 m.weight.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
@@ -290,8 +302,23 @@ class SeTformer(nn.Module):
     def no_weight_decay_keywords(self):
         return {"ref"}
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, num_features) pooled features."""
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "") -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"SeTformer: num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def feature_levels(self) -> List[dict]:
+        # the stem has stride 4, every downsampling conv 2 more
+        return [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(self.dims)]
+
+    def _forward_levels(self, x: Tensor, take: Sequence[int], last: int) -> Tuple[List[Tensor], Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SeTformer: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.patch_embed.in_chans:
@@ -299,12 +326,54 @@ class SeTformer(nn.Module):
                 f"SeTformer: x must have shape (B, {self.patch_embed.in_chans}, H, W), got {tuple(x.shape)}"
             )
         x = self.patch_embed(x)
-        for stage in self.stages:
-            x = stage(x)
+        maps = []
+        for i in range(last + 1):
+            stage = self.stages[i]
+            x = stage.forward_blocks(x)
+            if i in take:
+                maps.append(x.permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None and i < last:
+                x = stage.downsample(x)
+        return maps, x
+
+    def _finish(self, x: Tensor) -> Tensor:
         return self.norm(x).mean(dim=(1, 2))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, num_features) pooled features."""
+        return self._finish(self._forward_levels(x, (), len(self.stages) - 1)[1])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
+
+
+class SeTformerFeatures(SeTformer):
+    """SeTformer as a feature extractor (``features_only=True``): forward returns the NCHW
+    output of every stage in ``out_indices`` (strides 4, 8, 16, 32), before its downsampling.
+    The head, the final norm and the layers after the last requested stage are not built; a
+    classification checkpoint loads with them dropped. Other arguments as :class:`SeTformer`."""
+
+    def __init__(self, *args, out_indices=None, **kwargs):
+        kwargs["num_classes"] = 0
+        super().__init__(*args, **kwargs)
+        n = len(self.stages)
+        self.out_indices = tuple(take_indices(n, out_indices, "SeTformer: out_indices"))
+        last = self.out_indices[-1]
+        self.checkpoint_skip = ("norm", "head", *(f"stages.{i}" for i in range(last + 1, n)),
+                                *((f"stages.{last}.downsample",) if last < n - 1 else ()))
+        self.stages = self.stages[:last + 1]
+        self.stages[last].downsample = None
+        del self.norm, self.head
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        return FeatureInfo(SeTformer.feature_levels(self), self.out_indices)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return self._forward_levels(x, self.out_indices, self.out_indices[-1])[0]
 
 
 _CFGS = {
@@ -320,28 +389,28 @@ _CFGS = {
 
 
 @register_model
-@maybe_register_timm
 def setformer_mini(pretrained=False, **kwargs) -> SeTformer:
     """SeTformer-Mini (our reconstruction, ~16M parameters). ``pretrained``: local checkpoint path."""
-    return build("setformer_mini", SeTformer, pretrained, _CFGS["setformer_mini"], kwargs)
+    return build("setformer_mini", SeTformer, pretrained, _CFGS["setformer_mini"], kwargs,
+                 features_cls=SeTformerFeatures)
 
 
 @register_model
-@maybe_register_timm
 def setformer_tiny(pretrained=False, **kwargs) -> SeTformer:
     """SeTformer-Tiny (our reconstruction). ``pretrained``: local checkpoint path."""
-    return build("setformer_tiny", SeTformer, pretrained, _CFGS["setformer_tiny"], kwargs)
+    return build("setformer_tiny", SeTformer, pretrained, _CFGS["setformer_tiny"], kwargs,
+                 features_cls=SeTformerFeatures)
 
 
 @register_model
-@maybe_register_timm
 def setformer_small(pretrained=False, **kwargs) -> SeTformer:
     """SeTformer-Small (our reconstruction). ``pretrained``: local checkpoint path."""
-    return build("setformer_small", SeTformer, pretrained, _CFGS["setformer_small"], kwargs)
+    return build("setformer_small", SeTformer, pretrained, _CFGS["setformer_small"], kwargs,
+                 features_cls=SeTformerFeatures)
 
 
 @register_model
-@maybe_register_timm
 def setformer_base(pretrained=False, **kwargs) -> SeTformer:
     """SeTformer-Base (our reconstruction). ``pretrained``: local checkpoint path."""
-    return build("setformer_base", SeTformer, pretrained, _CFGS["setformer_base"], kwargs)
+    return build("setformer_base", SeTformer, pretrained, _CFGS["setformer_base"], kwargs,
+                 features_cls=SeTformerFeatures)

@@ -40,17 +40,19 @@ Permutation of the recursive pass (only where ``groups2 > 1``)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import DropPath, build, check_attn_backend, maybe_register_timm
+from ._common import DropPath, build, check_attn_backend
+from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 
 EVAL_PERMUTATIONS = ("fixed", "random", "off")
 
-__all__ = ["SReT", "sret_t", "sret_lt", "sret_s", "EVAL_PERMUTATIONS"]
+__all__ = ["SReT", "SReTFeatures", "sret_t", "sret_lt", "sret_s", "EVAL_PERMUTATIONS"]
 
 
 def _ops():
@@ -279,12 +281,17 @@ class ConvEmbedding(nn.Module):
 # ---------------------------------------------------------------- model
 
 
-class SReT(nn.Module):
+class SReT(IntermediatesMixin, nn.Module):
     """Sliced Recursive Transformer. See the module docstring for the architecture and the
     ``eval_permutation`` / ``permutation_seed`` switch.
 
     ``img_size`` must be a multiple of 8 (the position embedding is (img_size / 8)^2) and give
     every stage a token count divisible by its group counts (224 for the official weights).
+
+    ``dynamic_img_size=True`` accepts other input sizes (as timm's ViTs): the position
+    embedding is resampled (bicubic) to the stem's output grid, ceil(H / 8) x ceil(W / 8);
+    every stage's token count must still be divisible by its group counts (the error says
+    which). With False (default) any other size is an error.
     """
 
     def __init__(self, img_size: int = 224, base_dims: Sequence[int] = (32, 32, 32), depth: Sequence[int] = (4, 10, 6),
@@ -292,14 +299,20 @@ class SReT(nn.Module):
                  groups1: Sequence[int] = (8, 4, 1), groups2: Sequence[int] = (2, 1, 1), mlp_ratio: float = 3.6,
                  np_mlp_ratio: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, attn_backend: str = "auto",
-                 eval_permutation: str = "fixed", permutation_seed: int = 0):
+                 eval_permutation: str = "fixed", permutation_seed: int = 0, dynamic_img_size: bool = False):
         super().__init__()
+        if not isinstance(dynamic_img_size, bool):
+            raise TypeError(f"SReT: dynamic_img_size must be a bool, got {type(dynamic_img_size).__name__}")
+        self.dynamic_img_size = dynamic_img_size
         self._check_config(img_size, base_dims, depth, recursive_num, heads, groups1, groups2, num_classes,
                            attn_drop_rate, eval_permutation, permutation_seed)
         self.attn_backend = check_attn_backend("SReT", attn_backend)
         self.permutation_seed = permutation_seed
         self.base_dims = list(base_dims)
         self.heads = list(heads)
+        self.img_size = img_size
+        self.groups1 = list(groups1)
+        self.groups2 = list(groups2)
         self.num_classes = num_classes
         width = img_size // 8
         self.pos_embed = nn.Parameter(torch.zeros(1, base_dims[0] * heads[0], width, width))
@@ -411,22 +424,99 @@ class SReT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str = "") -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"SReT: num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        device = self.pos_embed.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+
+    def feature_levels(self) -> List[dict]:
+        # the stem has stride 8, every pooling conv 2 more
+        return [dict(num_chs=self.base_dims[s] * self.heads[s], reduction=8 * 2 ** s, module=f"transformers.{s}")
+                for s in range(len(self.base_dims))]
+
+    def _position(self, x: Tensor) -> Tensor:
+        """x + the position embedding (resampled to x's grid with dynamic_img_size)."""
+        if x.shape[-2:] == self.pos_embed.shape[-2:]:
+            return x + self.pos_embed
+        if not self.dynamic_img_size:
+            raise ValueError(
+                f"SReT: the input must be {8 * self.pos_embed.shape[-2]}x{8 * self.pos_embed.shape[-1]} pixels "
+                f"(img_size of this model), got a stem output of {tuple(x.shape[-2:])} patches; build the model "
+                f"with dynamic_img_size=True to resample the position embedding to other sizes")
+        pos = F.interpolate(self.pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
+        return x + pos.to(x.dtype)
+
+    def _check_grid(self, H: int, W: int, last: int) -> None:
+        for s in range(last + 1):
+            n = H * W
+            for name, g in (("groups1", self.groups1[s]), ("groups2", self.groups2[s])):
+                if n % g:
+                    raise ValueError(f"SReT: stage {s} has {H}x{W} = {n} tokens at this input size, not divisible "
+                                     f"by {name}[{s}]={g} (its token groups must be equal); choose an input size "
+                                     f"whose stage grids give token counts divisible by the group counts")
+            H, W = (H + 1) // 2, (W + 1) // 2  # the 3x3 stride-2 padding-1 pooling conv
+
+    def _forward_levels(self, x: Tensor, take: Sequence[int], last: int) -> Tuple[List[Tensor], Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SReT: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.patch_embed.conv1.in_channels:
+            raise ValueError(f"SReT: x must have shape (B, {self.patch_embed.conv1.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        x = self.patch_embed(x)
+        x = self.pos_drop(self._position(x))
+        self._check_grid(x.shape[-2], x.shape[-1], last)
+        maps = []
+        for s in range(last + 1):
+            x = self.transformers[s](x)
+            if s in take:
+                maps.append(x)
+            if s < last:
+                x = self.pools[s](x)
+        return maps, x
+
+    def _finish(self, x: Tensor) -> Tensor:
+        return self.norm(torch.flatten(self.avgpool(x), 1))
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
-        if x.shape[-2:] != self.pos_embed.shape[-2:]:
-            raise ValueError(f"SReT: the input must be {8 * self.pos_embed.shape[-1]}x{8 * self.pos_embed.shape[-2]} "
-                             f"pixels (img_size of this model), got {tuple(x.shape[-2:])} patches")
-        x = self.pos_drop(x + self.pos_embed)
-        for stage, pool in zip(self.transformers, self.pools):
-            x = pool(stage(x))
-        x = self.transformers[-1](x)
-        return self.norm(torch.flatten(self.avgpool(x), 1))
+        """(B, C, H, W) images -> (B, embed_dim) pooled, normalised features."""
+        return self._finish(self._forward_levels(x, (), len(self.transformers) - 1)[1])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
+
+
+class SReTFeatures(SReT):
+    """SReT as a feature extractor (``features_only=True``): forward returns the NCHW output of
+    every stage in ``out_indices`` (strides 8, 16, 32). The head, the final norm and the stages
+    after the last requested one are not built; a classification checkpoint loads with them
+    dropped (vitattn.models._common.load_features_checkpoint). Other arguments as :class:`SReT`."""
+
+    def __init__(self, *args, out_indices=None, **kwargs):
+        kwargs["num_classes"] = 0
+        super().__init__(*args, **kwargs)
+        n = len(self.transformers)
+        self._levels = SReT.feature_levels(self)
+        self.out_indices = tuple(take_indices(n, out_indices, "SReT: out_indices"))
+        last = self.out_indices[-1]
+        self.checkpoint_skip = ("norm", "head", *(f"transformers.{s}" for s in range(last + 1, n)),
+                                *(f"pools.{s}" for s in range(last, n - 1)))
+        self.transformers = self.transformers[:last + 1]
+        self.pools = self.pools[:last]
+        del self.norm, self.avgpool, self.head
+
+    def feature_levels(self) -> List[dict]:
+        return self._levels
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        return FeatureInfo(self._levels, self.out_indices)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return self._forward_levels(x, self.out_indices, self.out_indices[-1])[0]
 
 
 # ---------------------------------------------------------------- constructors (official configs)
@@ -442,22 +532,19 @@ _CFGS = {
 }
 
 
-@maybe_register_timm
 @register_model
 def sret_t(pretrained=False, **kwargs) -> SReT:
     """SReT-T (official SReT_T, 4,755,979 parameters). ``pretrained``: local checkpoint path."""
-    return build("sret_t", SReT, pretrained, _CFGS["sret_t"], kwargs)
+    return build("sret_t", SReT, pretrained, _CFGS["sret_t"], kwargs, features_cls=SReTFeatures)
 
 
-@maybe_register_timm
 @register_model
 def sret_lt(pretrained=False, **kwargs) -> SReT:
     """SReT-LT (official SReT_LT, 4,988,024 parameters). ``pretrained``: local checkpoint path."""
-    return build("sret_lt", SReT, pretrained, _CFGS["sret_lt"], kwargs)
+    return build("sret_lt", SReT, pretrained, _CFGS["sret_lt"], kwargs, features_cls=SReTFeatures)
 
 
-@maybe_register_timm
 @register_model
 def sret_s(pretrained=False, **kwargs) -> SReT:
     """SReT-S (official SReT_S, 20,899,692 parameters). ``pretrained``: local checkpoint path."""
-    return build("sret_s", SReT, pretrained, _CFGS["sret_s"], kwargs)
+    return build("sret_s", SReT, pretrained, _CFGS["sret_s"], kwargs, features_cls=SReTFeatures)
