@@ -13,12 +13,24 @@ Z is formed by a tensor-core dot of R rows against the gathered Wg rows of the t
 softmax runs over i inside the tile, y is a batched dot. Only y and the per-column
 log-sum-exp lse[p, j] are written; Z and P never reach memory.
 
-Backward recomputes P from R and lse in two kernels (flash-attention style):
-* problem-major (_bwd_rows_kernel): dP = x dy^T, delta_j = sum_i P dP, dZ = P (dP - delta),
-  dx_mix = P dy, dR = dZ Wg (rows owned exclusively by the program), and delta for the next;
-* weight-major (_bwd_weights_kernel): each program owns a block of Wg rows and a group of
-  problem blocks; it recomputes P and dZ for its rows from lse and delta and accumulates
-  dWg = dZ^T R and dbg = sum dZ, written as per-group partials summed in a fixed order.
+Backward:
+* problem-major (_bwd_rows_kernel) recomputes P from R and lse: dP = x dy^T,
+  delta_j = sum_i P dP, dZ = P (dP - delta), dx_mix = P dy, dR = dZ Wg (rows owned by the
+  program; written in R's token-wise layout), and stores dZ (NP, L*L) once, in the input
+  dtype (fp32 for fp32: the dtype its weight-gradient product takes anyway);
+* _dw_kernel: dWg = dZ^T R and dbg = colsum dZ as a plain GEMM over the problems, tiled
+  (BLOCK_N generate rows x BLOCK_K columns of R) and split over SPLIT fixed ranges of
+  problems; the per-split partials are summed in a fixed order (_common.sum_partials).
+  SPLIT depends only on the problem count, so the sums are grouped the same way on every
+  GPU model (the SM count plays no part).
+
+Weight-gradient traffic (DynaMixer-S stage 1 at B = 128, bf16: NP = 32768 problems, L = 32,
+L*d = 64): dZ is written once and read once (NP x L*L x 2 B = 67 MB each way), R read
+L*L / BLOCK_N = 8 times (4.2 MB each, from L2); about 0.17 GB in all against the 1.6 to
+3 GB the former per-tile gather of x and dy moved. Expected H100 time of the whole mixing
+backward at that shape: rows kernel about 0.2 GB (x, dy, R, lse, dx_mix, dR, dZ) and
+2 x NP x (L*L*L*d + 2 L*L*C/S) = 5 GFLOP, the GEMM 2 x NP x L*L x L*d = 4.3 GFLOP; both
+bandwidth-bound near 0.13 ms at 3 TB/s.
 
 Every x-like tensor is addressed through its own strides (three leading dims, token, channel),
 so transposed views are read and written in place.
@@ -26,9 +38,13 @@ so transposed views are read and written in place.
 
 from __future__ import annotations
 
+from typing import Dict, Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
+
+from . import _common as C
 
 
 @triton.jit
@@ -107,16 +123,17 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_rows_kernel(
-    X, R, WG, BG, DY, LSE, DXM, DR, DELTA,
+    X, R, WG, BG, DY, LSE, DXM, DR, DZ,
     sx0, sx1, sx2, sxl, sxc,
     sr0, sr1, sr2, srl, src,
     sd0, sd1, sd2, sdl, sdc,
     sg0, sg1, sg2, sgl, sgc,
+    se0, se1, se2, sel, sec,
     NP, S, N1, N2, L, CS, D, LD,
     HAS_BG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    # DR is (NP, LD) contiguous in ACC and zero-filled; this program owns its rows exclusively
+    # this program owns its problems' rows of dx_mix, dR (R's layout, strides se*) and dZ
     pid = tl.program_id(0).to(tl.int64)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     p_ok = offs_p < NP
@@ -125,6 +142,7 @@ def _bwd_rows_kernel(
     r_base = _row_offset(offs_p, S, N1, N2, sr0, sr1, sr2) + seg * D * src
     dy_base = _row_offset(offs_p, S, N1, N2, sd0, sd1, sd2) + seg * CS * sdc
     dx_base = _row_offset(offs_p, S, N1, N2, sg0, sg1, sg2) + seg * CS * sgc
+    dr_base = _row_offset(offs_p, S, N1, N2, se0, se1, se2) + seg * D * sec
 
     offs_i = tl.arange(0, BLOCK_I)
     i_ok = offs_i < L
@@ -150,18 +168,20 @@ def _bwd_rows_kernel(
                      mask=pj_ok[:, :, None] & c_ok[None, None, :], other=0.0)  # (P, J, C)
         dp = tl.dot(x, tl.permute(dy, (0, 2, 1)), input_precision=PREC, out_dtype=ACC)  # (P, I, J)
         delta = tl.sum(p * dp, 1)  # (P, J): sum_i P dP = sum_c dy * y
-        tl.store(DELTA + offs_p[:, None] * L + offs_j[None, :], delta, mask=pj_ok)
         dz = p * (dp - delta[:, None, :])
         dxm += tl.dot(p.to(dy.dtype), dy, input_precision=PREC, out_dtype=ACC)  # (P, I, C)
-        dz = tl.reshape(dz, (BLOCK_P, BLOCK_I * BLOCK_J)).to(WG.dtype.element_ty)
+        dz = tl.reshape(dz, (BLOCK_P, BLOCK_I * BLOCK_J)).to(DZ.dtype.element_ty)
+        tl.store(DZ + offs_p[:, None] * (L * L) + n_flat[None, :], dz, mask=p_ok[:, None] & n_ok[None, :])
         for k0 in range(0, LD, BLOCK_K):
             offs_m = k0 + tl.arange(0, BLOCK_K)
             m_ok = offs_m < LD
             w = tl.load(WG + n_flat[:, None] * LD + offs_m[None, :], mask=n_ok[:, None] & m_ok[None, :], other=0.0)
-            dr_ptrs = DR + offs_p[:, None] * LD + offs_m[None, :]
+            dr_ptrs = DR + dr_base[:, None] + (offs_m // D)[None, :] * sel + (offs_m % D)[None, :] * sec
             dr_mask = p_ok[:, None] & m_ok[None, :]
-            dr = tl.load(dr_ptrs, mask=dr_mask, other=0.0)
-            tl.store(dr_ptrs, dr + tl.dot(dz, w, input_precision=PREC, out_dtype=ACC), mask=dr_mask)
+            # the first column block writes, the later ones add
+            dr = tl.load(dr_ptrs, mask=dr_mask & (j0 > 0), other=0.0)
+            tl.store(dr_ptrs, dr + tl.dot(dz.to(WG.dtype.element_ty), w, input_precision=PREC, out_dtype=ACC),
+                     mask=dr_mask)
 
     tl.store(DXM + dx_base[:, None, None] + offs_i[None, :, None] * sgl + offs_c[None, None, :] * sgc,
              dxm.to(DXM.dtype.element_ty),
@@ -169,97 +189,82 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _bwd_weights_kernel(
-    X, R, WG, BG, DY, LSE, DELTA, DWG, DBG,
-    sx0, sx1, sx2, sxl, sxc,
+def _dw_kernel(
+    DZ, R, DWP, DBP,
     sr0, sr1, sr2, srl, src,
-    sd0, sd1, sd2, sdl, sdc,
-    NP, S, N1, N2, L, CS, D, LD, GROUPS,
-    HAS_BG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_LD: tl.constexpr,
-    BLOCK_C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    NP, S, N1, N2, L, D, LD, P_PER_SPLIT,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    # partial dWg[n, m] (and dbg[n]) over the problems of split pid_s: dZ^T R on tensor cores
     pid_n = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2).to(tl.int64)
+    LL = L * L
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < L * L
-    i_n = offs_n // L
-    j_n = offs_n % L
-    offs_m = tl.arange(0, BLOCK_LD)
+    n_ok = offs_n < LL
+    offs_m = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = offs_m < LD
-    # this program's generate rows, reused for every problem block of its group
-    w = tl.load(WG + offs_n[:, None] * LD + offs_m[None, :], mask=n_ok[:, None] & m_ok[None, :], other=0.0)
-    if HAS_BG:
-        bg = tl.load(BG + offs_n, mask=n_ok, other=0.0).to(ACC)
-    dw = tl.zeros((BLOCK_N, BLOCK_LD), ACC)
+    dw = tl.zeros((BLOCK_N, BLOCK_K), ACC)
     db = tl.zeros((BLOCK_N,), ACC)
-
-    for pb in range(pid_g, tl.cdiv(NP, BLOCK_P), GROUPS):
-        offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        p_ok = offs_p < NP
-        seg = offs_p % S
-        x_base = _row_offset(offs_p, S, N1, N2, sx0, sx1, sx2) + seg * CS * sxc
-        r_base = _row_offset(offs_p, S, N1, N2, sr0, sr1, sr2) + seg * D * src
-        dy_base = _row_offset(offs_p, S, N1, N2, sd0, sd1, sd2) + seg * CS * sdc
+    p_start = pid_s * P_PER_SPLIT
+    p_end = tl.minimum(p_start + P_PER_SPLIT, NP)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_ok = offs_p < p_end
+        dz = tl.load(DZ + offs_p[:, None] * LL + offs_n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+        r_base = _row_offset(offs_p, S, N1, N2, sr0, sr1, sr2) + (offs_p % S) * D * src
         r = tl.load(R + r_base[:, None] + (offs_m // D)[None, :] * srl + (offs_m % D)[None, :] * src,
-                    mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # (P, LD)
-        z = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC)  # (P, N)
-        if HAS_BG:
-            z += bg[None, :]
-        pn_ok = p_ok[:, None] & n_ok[None, :]
-        stat = offs_p[:, None] * L + j_n[None, :]
-        lse = tl.load(LSE + stat, mask=pn_ok, other=0.0)
-        delta = tl.load(DELTA + stat, mask=pn_ok, other=0.0)
-        p = tl.where(pn_ok, tl.exp(z - lse), 0.0)
-        # dP[p, n] = sum_c x[p, i_n, c] * dy[p, j_n, c]
-        dp = tl.zeros((BLOCK_P, BLOCK_N), ACC)
-        for c0 in range(0, CS, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            m3 = pn_ok[:, :, None] & (offs_c < CS)[None, None, :]
-            xg = tl.load(X + x_base[:, None, None] + i_n[None, :, None] * sxl + offs_c[None, None, :] * sxc,
-                         mask=m3, other=0.0)
-            dyg = tl.load(DY + dy_base[:, None, None] + j_n[None, :, None] * sdl + offs_c[None, None, :] * sdc,
-                          mask=m3, other=0.0)
-            dp += tl.sum(xg.to(ACC) * dyg.to(ACC), 2)
-        dz = p * (dp - delta)
-        db += tl.sum(dz, 0)
-        dw += tl.dot(tl.trans(dz.to(r.dtype)), r, input_precision=PREC, out_dtype=ACC)
-
-    tl.store(DWG + pid_g * (L * L * LD) + offs_n[:, None] * LD + offs_m[None, :], dw,
+                    mask=p_ok[:, None] & m_ok[None, :], other=0.0)
+        dw += tl.dot(tl.trans(dz), r.to(dz.dtype), input_precision=PREC, out_dtype=ACC)
+        db += tl.sum(dz.to(ACC), 0)
+    tl.store(DWP + pid_s * LL * LD + offs_n[:, None] * LD + offs_m[None, :], dw,
              mask=n_ok[:, None] & m_ok[None, :])
-    tl.store(DBG + pid_g * (L * L) + offs_n, db, mask=n_ok)
+    if pid_k == 0:
+        tl.store(DBP + pid_s * LL + offs_n, db, mask=n_ok)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+KERNELS = ("_fwd_kernel", "_bwd_rows_kernel", "_dw_kernel")
+# problems per weight-gradient split: a constant, so the split (and the order of the
+# partial sums) depends on the problem count alone
+P_PER_SPLIT = 4096
+
+
+def launch_configs(L: int, CS: int, LD: int, dtype: torch.dtype) -> Dict[str, Tuple[dict, dict]]:
+    """{kernel name: (constexpr arguments, launch options)} for one problem geometry.
+
+    BLOCK_P problems share a program: as many as keep the register-resident blocks (x and
+    dx_mix (P, L, C/S), the logits (P, L, BLOCK_J)) within budget; the generate-row chunk
+    BLOCK_K keeps the (L * BLOCK_J) x BLOCK_K Wg tile in shared memory small.
+    """
+    acc, prec = C.acc_tl(dtype), C.dot_precision(dtype)
+    bi, bc = C.pow2(L), C.pow2(CS)
+    bj = 16
+    half = dtype in (torch.float16, torch.bfloat16)
+    # elements per thread of the register-resident blocks, at 8 warps
+    bp = 16
+    while bp > 1 and (bp * bi * bc > 8192 or bp * bi * bj > 8192):
+        bp //= 2
+    wide = bi * bj  # generate rows per column block
+    bk = min(C.pow2(LD), max(16, (4096 if half else 2048) // wide))
+    rows = dict(BLOCK_P=bp, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, BLOCK_K=bk, ACC=acc, PREC=prec)
+    rows_opts = dict(num_warps=4 if bp * bi * max(bc, bj) <= 4096 else 8, num_stages=1)
+    ll = L * L
+    dw = dict(BLOCK_P=32, BLOCK_N=min(128, C.pow2(ll)), BLOCK_K=min(128 if half else 64, C.pow2(LD)),
+              ACC=acc, PREC=prec)
+    dw_opts = dict(num_warps=8 if dw["BLOCK_N"] * dw["BLOCK_K"] >= 128 * 64 else 4, num_stages=2)
+    return {"_fwd_kernel": (rows, rows_opts), "_bwd_rows_kernel": (rows, rows_opts), "_dw_kernel": (dw, dw_opts)}
+
+
+def can_run(L: int, CS: int, LD: int, dtype: torch.dtype, device) -> Optional[str]:
+    """None if the kernels can run this geometry on device, else the reason."""
+    return None
 
 
 # ---------------------------------------------------------------- launchers
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
-
-
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def launch_configs(L: int, CS: int, LD: int, dtype: torch.dtype):
-    """{kernel name: (constexpr arguments, launch options)} for one problem geometry.
-
-    Shared by the launchers and by the offline compile check in the tests. Sizes were checked
-    with ptxas for sm_90 at the DynaMixer shapes: a single stage, a 32 (fp16) / 16 (fp32) wide
-    reduction chunk for L > 16 and 8-channel gathers in the weights kernel keep register spills
-    small and shared memory under 100 KB (fp32).
-    """
-    _, acc = _acc(dtype)
-    # fp32 inputs: exact fp32 products (no silent TF32) so results match the reference
-    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    bi, bc = _pow2(L), _pow2(CS)
-    bk = min(64 if bi <= 16 else (32 if dtype in (torch.float16, torch.bfloat16) else 16), _pow2(LD))
-    rows = dict(BLOCK_P=16, BLOCK_I=bi, BLOCK_J=16, BLOCK_C=bc, BLOCK_K=bk, ACC=acc, PREC=prec)
-    rows_opts = dict(num_warps=4 if bi * bc <= 256 else 8, num_stages=1)
-    block_ld = _pow2(LD)
-    weights = dict(BLOCK_P=16, BLOCK_N=max(16, min(32, 8192 // block_ld)), BLOCK_LD=block_ld, BLOCK_C=8,
-                   ACC=acc, PREC=prec)
-    return {"_fwd_kernel": (rows, rows_opts), "_bwd_rows_kernel": (rows, rows_opts),
-            "_bwd_weights_kernel": (weights, dict(num_warps=8, num_stages=1))}
 
 
 def _strides(t: torch.Tensor):
@@ -267,20 +272,33 @@ def _strides(t: torch.Tensor):
 
 
 def _dims(x: torch.Tensor):
-    N0, N1, N2, L, C = x.shape
-    return N0 * N1 * N2, N1, N2, L, C
+    N0, N1, N2, L, C_ = x.shape
+    return N0 * N1 * N2, N1, N2, L, C_
 
 
-def mix_fwd(x, r, wg, bg, S: int):
-    """x (N0, N1, N2, L, C), r (N0, N1, N2, L, S*d), any strides -> y (x's layout), lse (N0, N1, N2, S, L)."""
-    from vitattn.torch_backend.dynamixer import empty_tokenwise
+def _like_rows(r: torch.Tensor, last: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (N0, N1, N2, L, last) tensor laid out in r's token order when r is dense with its
+    channels innermost (as the op's compress step writes it), else contiguous."""
+    shape = tuple(r.shape[:-1]) + (last,)
+    order = sorted(range(4), key=lambda k: -r.stride(k))
+    if r.stride(-1) != 1 or not r.permute(*order, 4).is_contiguous():
+        return torch.empty(shape, device=r.device, dtype=dtype)
+    width = r.shape[-1]
+    strides = [s // width * last for s in r.stride()[:-1]] + [1]
+    return torch.empty_strided(shape, strides, device=r.device, dtype=dtype)
 
-    rows, N1, N2, L, C = _dims(x)
-    CS, D = C // S, r.shape[-1] // S
+
+def mix_fwd(x, r, wg, bg, S: int, y: Optional[torch.Tensor] = None):
+    """x (N0, N1, N2, L, C), r (N0, N1, N2, L, S*d), any strides -> y, lse (N0, N1, N2, S, L).
+
+    y (x.dtype) is written into the given tensor, or into a new one laid out in r's token order.
+    """
+    rows, N1, N2, L, C_ = _dims(x)
+    CS, D = C_ // S, r.shape[-1] // S
     LD = L * D
-    acc_t, _ = _acc(x.dtype)
-    y = empty_tokenwise(x, C, x.dtype)
-    lse = torch.empty(*x.shape[:3], S, L, device=x.device, dtype=acc_t)
+    if y is None:
+        y = _like_rows(r, C_, x.dtype)
+    lse = torch.empty(*x.shape[:3], S, L, device=x.device, dtype=C.acc_dtype(x.dtype))
     wg = wg.contiguous()
     bg_arg = wg if bg is None else bg.contiguous()
     meta, opts = launch_configs(L, CS, LD, x.dtype)["_fwd_kernel"]
@@ -292,89 +310,36 @@ def mix_fwd(x, r, wg, bg, S: int):
     return y, lse
 
 
-def _groups(n_tiles: int, n_blocks: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, (4 * sms) // max(1, n_tiles))
-    else:  # interpreter: a few groups so the partial-sum path is exercised
-        target = 2
-    return max(1, min(n_blocks, target))
-
-
-def mix_bwd(dy, x, r, wg, bg, lse, S: int):
-    """Gradients of mix_fwd: dx_mix (x's layout, x.dtype), dR (like r, fp32/fp64), dWg, dbg (fp32/fp64)."""
-    from vitattn.torch_backend.dynamixer import empty_tokenwise
-
-    rows, N1, N2, L, C = _dims(x)
-    CS, D = C // S, r.shape[-1] // S
+def mix_bwd(dy, x, r, wg, bg, lse, S: int, dx_mix: Optional[torch.Tensor] = None):
+    """Gradients of mix_fwd: dx_mix (x.dtype; into the given tensor or one laid out like r's
+    tokens), dR (r's layout, fp32/fp64), dWg, dbg (fp32/fp64)."""
+    rows, N1, N2, L, C_ = _dims(x)
+    CS, D = C_ // S, r.shape[-1] // S
     LD = L * D
     NP = rows * S
-    acc_t, _ = _acc(x.dtype)
+    acc_t = C.acc_dtype(x.dtype)
     wg = wg.contiguous()
     bg_arg = wg if bg is None else bg.contiguous()
     lse = lse.contiguous()
     cfg = launch_configs(L, CS, LD, x.dtype)
     meta, opts = cfg["_bwd_rows_kernel"]
-    dxm = empty_tokenwise(x, C, x.dtype)
-    dr_p = torch.zeros(NP, LD, device=x.device, dtype=acc_t)  # (row, s, i, k) order
-    delta = torch.empty(NP, L, device=x.device, dtype=acc_t)
+    dxm = _like_rows(r, C_, x.dtype) if dx_mix is None else dx_mix
+    dr = _like_rows(r, r.shape[-1], acc_t)
+    # dZ in the dtype of the weight-gradient product's operands
+    dz = torch.empty(NP, L * L, device=x.device, dtype=x.dtype)
     _bwd_rows_kernel[(triton.cdiv(NP, meta["BLOCK_P"]),)](
-        x, r, wg, bg_arg, dy, lse, dxm, dr_p, delta,
-        *_strides(x), *_strides(r), *_strides(dy), *_strides(dxm),
+        x, r, wg, bg_arg, dy, lse, dxm, dr, dz,
+        *_strides(x), *_strides(r), *_strides(dy), *_strides(dxm), *_strides(dr),
         NP, S, N1, N2, L, CS, D, LD, HAS_BG=bg is not None, **opts, **meta,
     )
-    # (row, s, i, k) -> (N0, N1, N2, L, S*d), the token-wise layout of dR
-    dr = dr_p.view(*x.shape[:3], S, L, D).transpose(3, 4).reshape(*x.shape[:3], L, S * D)
-
-    wmeta, wopts = cfg["_bwd_weights_kernel"]
-    n_tiles = triton.cdiv(L * L, wmeta["BLOCK_N"])
-    n_blocks = triton.cdiv(NP, meta["BLOCK_P"])
-    groups = _groups(n_tiles, n_blocks, x.device)
-    dwg_part = torch.empty(groups, L * L, LD, device=x.device, dtype=acc_t)
-    dbg_part = torch.empty(groups, L * L, device=x.device, dtype=acc_t)
-    _bwd_weights_kernel[(n_tiles, groups)](
-        x, r, wg, bg_arg, dy, lse, delta, dwg_part, dbg_part,
-        *_strides(x), *_strides(r), *_strides(dy),
-        NP, S, N1, N2, L, CS, D, LD, groups, HAS_BG=bg is not None, **wopts, **wmeta,
+    wmeta, wopts = cfg["_dw_kernel"]
+    splits = triton.cdiv(NP, P_PER_SPLIT)
+    dwp = torch.empty(splits, L * L * LD, device=x.device, dtype=acc_t)
+    dbp = torch.empty(splits, L * L, device=x.device, dtype=acc_t)
+    grid = (triton.cdiv(L * L, wmeta["BLOCK_N"]), triton.cdiv(LD, wmeta["BLOCK_K"]), splits)
+    _dw_kernel[grid](
+        dz, r, dwp, dbp, *_strides(r), NP, S, N1, N2, L, D, LD, P_PER_SPLIT, **wopts, **wmeta,
     )
-    return dxm, dr, dwg_part.sum(0), dbg_part.sum(0)
-
-
-# ---------------------------------------------------------------- offline compile check
-
-_PTR_ACC = ("LSE", "DELTA", "DR", "DWG", "DBG")
-_PTR_DATA = ("X", "R", "WG", "BG", "Y", "DY", "DXM")
-_UNIT_STRIDES = ("sxc", "src", "syc", "sdc", "sgc")
-
-
-def compile_offline(L: int, CS: int, LD: int, dtype: torch.dtype, arch: int = 90):
-    """Compile the three kernels for NVIDIA sm_<arch> without a GPU; {kernel: shared memory bytes}.
-
-    Checks that the kernels lower to a cubin at a geometry (the launch configs of
-    launch_configs, unit channel strides as the JIT specialises them). Needs the kernels
-    defined without TRITON_INTERPRET and the ptxas that ships with Triton.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    data, acc = names[dtype], "fp32"
-    out = {}
-    for name, (meta, opts) in launch_configs(L, CS, LD, dtype).items():
-        fn = globals()[name]
-        consts = dict(meta, HAS_BG=True, **{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names})
-        sig = {}
-        for a in fn.arg_names:
-            if a in consts:
-                sig[a] = "constexpr"
-            elif a in _PTR_ACC:
-                sig[a] = f"*{acc}"
-            elif a in _PTR_DATA:
-                sig[a] = f"*{data}"
-            else:
-                sig[a] = "i32"
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(opts))
-        assert "cubin" in compiled.asm, f"{name}: no cubin produced"
-        out[name] = compiled.metadata.shared
-    return out
+    dwg = C.sum_partials(dwp.view(1, splits, -1)).view(L * L, LD)
+    dbg = C.sum_partials(dbp.view(1, splits, -1)).view(L * L)
+    return dxm, dr, dwg, dbg

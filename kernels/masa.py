@@ -12,18 +12,44 @@ indexed by (batch, head, r):
 Every tensor is addressed through its own strides mapped onto (b, h, r, y, x, d),
 so permuted inputs are read in place and the H pass reads the W pass's output
 transposed without a copy. Forward saves the per-row log-sum-exp (fp32, or fp64
-for fp64 inputs); backward recomputes probabilities in two deterministic kernels
-(dk/dv over query blocks, dq and dlog_gamma over key blocks). No N x N (or
-H x W x W) tensor is ever written.
+for fp64 inputs). No N x N (or H x W x W) tensor is ever written.
+
+Backward of one pass: two deterministic kernels that recompute the probabilities.
+``_masa_bwd_dq_kernel`` (one program per query block, walking the key blocks) first
+forms delta_i = rowsum(dO_i * O_i) from its own rows of dO and O (stored for the next
+kernel), then dq and its share of dlog_gamma; ``_masa_bwd_dkdv_kernel`` (one program
+per key block, walking the query blocks) reads delta and forms dk, dv. The decomposed
+backward runs the H pass and then the W pass, whose kernels add their dq / dk to the H
+pass's (``ACCUM``): every element is owned by one program, so no atomics. dlog_gamma
+partials (one per program, head-major) are summed in a fixed order by
+``_common.sum_partials``. Nothing is copied or cast on the host.
+
+Bytes moved (backward, decomposed, RMT-S stage 1: B=128, 4 heads, 56 x 56, d = dv = 16,
+bf16; one (B, heads, H, W, 16) tensor = 51.4 MB, one fp32 (B, heads, H, W) statistic = 6.4 MB):
+
+    kernel (pass)      reads                                   writes            MB
+    dq (H)             q k v_mid out dout  + lse_h             dq  delta          5*51.4 + 6.4 + 51.4 + 6.4
+    dkdv (H)           q k v_mid dout      + lse_h delta       dk  dv_mid         4*51.4 + 12.8 + 2*51.4
+    dq (W)             q k v v_mid dv_mid dq + lse_w           dq  delta          6*51.4 + 6.4 + 51.4 + 6.4
+    dkdv (W)           q k v dv_mid dk     + lse_w delta       dk  dv             5*51.4 + 12.8 + 2*51.4
+    total about 1.40 GB, against a minimum of 0.72 GB for one read of q, k, v, v_mid, out,
+    dout, lse_w, lse_h and one write of dq, dk, dv, dv_mid (the intermediate dv_mid must be
+    written and read back once). The PyTorch glue this replaces (fp32 copies of dout and
+    out for delta, dq/dk of both passes cast to fp32 and summed, zero-filled gradients)
+    moved about 1.6 GB more. Each row problem (56 tokens) fits one tile, so every kernel
+    reads each of its inputs once; larger problems re-read q/dout (dkdv) or k/v (dq) once per
+    block of the other side, as flash attention does.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _common as C
 
 AXES = (None, "w", "h")
 
@@ -99,78 +125,19 @@ def _masa_fwd_kernel(
 
 
 @triton.jit
-def _masa_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_, LG,
-    sqb, sqh, sqr, sqy, sqx, sqd,
-    skb, skh, skr, sky, skx, skd,
-    svb, svh, svr, svy, svx, svd,
-    sdob, sdoh, sdor, sdoy, sdox, sdod,
-    slb, slh, slr, sly, slx,
-    sgb, sgh, sgr, sgy, sgx, sgd,
-    swb, swh, swr, swy, swx, swd,
-    HEADS, R, X, N, D, DV, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
-):
-    # one program owns a block of keys and walks every query block
-    pid_n = tl.program_id(1)
-    pid_z = tl.program_id(0).to(tl.int64)
-    r = pid_z % R
-    bh = pid_z // R
-    h = bh % HEADS
-    b = bh // HEADS
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * skb + h * skh + r * skr, offs_n, X, sky, skx, skd, offs_d, N, D)
-    v = _load_tile(V + b * svb + h * svh + r * svr, offs_n, X, svy, svx, svd, offs_dv, N, DV)
-    q_base = Q + b * sqb + h * sqh + r * sqr
-    do_base = DO + b * sdob + h * sdoh + r * sdor
-    l_base = LSE + b * slb + h * slh + r * slr
-    dl_base = DELTA + b * slb + h * slh + r * slr
-    lg = tl.load(LG + h).to(ACC)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
-    for m0 in range(0, N, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < N
-        q = _load_tile(q_base, offs_m, X, sqy, sqx, sqd, offs_d, N, D)
-        do = _load_tile(do_base, offs_m, X, sdoy, sdox, sdod, offs_dv, N, DV)
-        my = offs_m // X
-        mx = offs_m % X
-        lse = tl.load(l_base + my * sly + mx * slx, mask=row_ok, other=0.0)
-        delta = tl.load(dl_base + my * sly + mx * slx, mask=row_ok, other=0.0)
-        s, dist = _logits(q, k, offs_m, offs_n, X, N, lg, scale, ACC, PREC)
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(row_ok[:, None] & (offs_n < N)[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
-
-    nk_y = offs_n // X
-    nk_x = offs_n % X
-    col_ok = offs_n < N
-    dk_ptrs = DK + b * sgb + h * sgh + r * sgr + nk_y[:, None] * sgy + nk_x[:, None] * sgx + offs_d[None, :] * sgd
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
-    dv_ptrs = DV_ + b * swb + h * swh + r * swr + nk_y[:, None] * swy + nk_x[:, None] * swx + offs_dv[None, :] * swd
-    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv < DV)[None, :])
-
-
-@triton.jit
 def _masa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DLG, LG,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DLG, LG,
     sqb, sqh, sqr, sqy, sqx, sqd,
     skb, skh, skr, sky, skx, skd,
     svb, svh, svr, svy, svx, svd,
+    sob, soh, sor, soy, sox, sod,
     sdob, sdoh, sdor, sdoy, sdox, sdod,
     slb, slh, slr, sly, slx,
+    seb, seh, ser, sey, sex,
     sgb, sgh, sgr, sgy, sgx, sgd,
-    HEADS, R, X, N, D, DV, scale, NUM_M_BLOCKS,
+    HEADS, BATCH, R, X, N, D, DV, scale, NUM_M_BLOCKS, DLG_P, DLG_OFF,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, ACCUM: tl.constexpr,
 ):
     # one program owns a block of queries and walks every key block
     pid_m = tl.program_id(1)
@@ -188,8 +155,11 @@ def _masa_bwd_dq_kernel(
     mx = offs_m % X
     q = _load_tile(Q + b * sqb + h * sqh + r * sqr, offs_m, X, sqy, sqx, sqd, offs_d, N, D)
     do = _load_tile(DO + b * sdob + h * sdoh + r * sdor, offs_m, X, sdoy, sdox, sdod, offs_dv, N, DV)
+    o = _load_tile(O + b * sob + h * soh + r * sor, offs_m, X, soy, sox, sod, offs_dv, N, DV)
+    # delta_i = rowsum(dO_i * O_i) from this program's own rows, kept for the dk/dv kernel
+    delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+    tl.store(DELTA + b * seb + h * seh + r * ser + my * sey + mx * sex, delta, mask=row_ok)
     lse = tl.load(LSE + b * slb + h * slh + r * slr + my * sly + mx * slx, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + b * slb + h * slh + r * slr + my * sly + mx * slx, mask=row_ok, other=0.0)
     k_base = K + b * skb + h * skh + r * skr
     v_base = V + b * svb + h * svh + r * svr
     lg = tl.load(LG + h).to(ACC)
@@ -208,13 +178,84 @@ def _masa_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
         dlg += tl.sum(ds * dist.to(ACC), 1)
 
+    dq = dq * scale
     g_ptrs = DQ + b * sgb + h * sgh + r * sgr + my[:, None] * sgy + mx[:, None] * sgx + offs_d[None, :] * sgd
-    tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
-    # per-program partial sums, reduced on the host side in a fixed order (deterministic)
-    tl.store(DLG + pid_z * NUM_M_BLOCKS + pid_m, tl.sum(dlg, 0))
+    g_mask = row_ok[:, None] & (offs_d < D)[None, :]
+    if ACCUM:
+        # the other pass of the decomposed form stored its dq here (same dtype, same owner)
+        dq += tl.load(g_ptrs, mask=g_mask, other=0.0).to(ACC)
+    tl.store(g_ptrs, dq.to(DQ.dtype.element_ty), mask=g_mask)
+    # per-program partial sums, head-major, summed later in a fixed order (deterministic)
+    tl.store(DLG + (h * BATCH + b) * DLG_P + DLG_OFF + r * NUM_M_BLOCKS + pid_m, tl.sum(dlg, 0))
 
 
-# ---------------------------------------------------------------- launchers
+@triton.jit
+def _masa_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_, LG,
+    sqb, sqh, sqr, sqy, sqx, sqd,
+    skb, skh, skr, sky, skx, skd,
+    svb, svh, svr, svy, svx, svd,
+    sdob, sdoh, sdor, sdoy, sdox, sdod,
+    slb, slh, slr, sly, slx,
+    seb, seh, ser, sey, sex,
+    sgb, sgh, sgr, sgy, sgx, sgd,
+    swb, swh, swr, swy, swx, swd,
+    HEADS, R, X, N, D, DV, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, ACCUM: tl.constexpr,
+):
+    # one program owns a block of keys and walks every query block
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(0).to(tl.int64)
+    r = pid_z % R
+    bh = pid_z // R
+    h = bh % HEADS
+    b = bh // HEADS
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + b * skb + h * skh + r * skr, offs_n, X, sky, skx, skd, offs_d, N, D)
+    v = _load_tile(V + b * svb + h * svh + r * svr, offs_n, X, svy, svx, svd, offs_dv, N, DV)
+    q_base = Q + b * sqb + h * sqh + r * sqr
+    do_base = DO + b * sdob + h * sdoh + r * sdor
+    l_base = LSE + b * slb + h * slh + r * slr
+    e_base = DELTA + b * seb + h * seh + r * ser
+    lg = tl.load(LG + h).to(ACC)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+    for m0 in range(0, N, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q = _load_tile(q_base, offs_m, X, sqy, sqx, sqd, offs_d, N, D)
+        do = _load_tile(do_base, offs_m, X, sdoy, sdox, sdod, offs_dv, N, DV)
+        my = offs_m // X
+        mx = offs_m % X
+        lse = tl.load(l_base + my * sly + mx * slx, mask=row_ok, other=0.0)
+        delta = tl.load(e_base + my * sey + mx * sex, mask=row_ok, other=0.0)
+        s, dist = _logits(q, k, offs_m, offs_n, X, N, lg, scale, ACC, PREC)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & (offs_n < N)[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+
+    nk_y = offs_n // X
+    nk_x = offs_n % X
+    col_ok = offs_n < N
+    dk = dk * scale
+    dk_ptrs = DK + b * sgb + h * sgh + r * sgr + nk_y[:, None] * sgy + nk_x[:, None] * sgx + offs_d[None, :] * sgd
+    dk_mask = col_ok[:, None] & (offs_d < D)[None, :]
+    if ACCUM:
+        dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(ACC)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    dv_ptrs = DV_ + b * swb + h * swh + r * swr + nk_y[:, None] * swy + nk_x[:, None] * swx + offs_dv[None, :] * swd
+    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv < DV)[None, :])
+
+
+# ---------------------------------------------------------------- configuration and resources
 
 
 def _geometry(shape, axis: Optional[str]) -> Tuple[int, int, int]:
@@ -239,41 +280,69 @@ def _strides(t: torch.Tensor, axis: Optional[str], with_feature: bool = True):
     return st + ((t.stride(4),) if with_feature else ())
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+KERNELS = ("_masa_fwd_kernel", "_masa_bwd_dq_kernel", "_masa_bwd_dkdv_kernel")
 
 
-def _config(N: int, D: int, DV: int, dtype: torch.dtype):
-    bd, bdv = _pow2(D), _pow2(DV)
-    widest = max(bd, bdv)
-    cap = 64 if widest <= 64 else (32 if widest <= 128 else 16)
-    if dtype == torch.float32 and widest > 64:
-        cap = min(cap, 32)
-    bm = bn = min(cap, _pow2(N))
-    num_warps = 4 if bm * widest <= 64 * 64 else 8
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # fp32 inputs: exact fp32 products (no silent TF32) so results match the reference
-    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc, PREC=prec), num_warps
+def configs(N: int, D: int, DV: int, dtype: torch.dtype) -> Dict[str, Tuple[dict, dict]]:
+    """{kernel name: (constexprs, launch options)} for problems of N tokens and head dims D, DV.
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def masa_fwd(q, k, v, log_gamma, scale: float, axis: Optional[str]):
-    """One grid-attention pass. q, k (B, heads, H, W, d), v (B, heads, H, W, dv), any strides.
-
-    Returns out (B, heads, H, W, dv) contiguous in q.dtype and lse (B, heads, H, W) fp32/fp64.
+    Tiles shrink as the head dims grow so that the live tiles stay inside the register budget
+    (checked against ptxas by tests/test_gpu_compile.py, sm_80 and sm_90a); no tile is larger
+    than the problem (rows of 7 tokens get 16-token tiles, not 64).
     """
+    bd, bdv = C.pow2(D), C.pow2(DV)
+    widest = max(bd, bdv)
+    half = dtype in (torch.float16, torch.bfloat16)
+    cap = _pow2_cap(N)
+    acc, prec = C.acc_tl(dtype), C.dot_precision(dtype)
+    out = {}
+    for name in KERNELS:
+        if name == "_masa_fwd_kernel":
+            bm, bn = (64, 64) if widest <= 64 else ((64, 32) if widest <= 128 else (32, 32))
+            if not half and widest > 64:
+                bm, bn = 32, 32 if widest <= 128 else 16
+        else:
+            bm, bn = (64, 64) if widest <= 32 else ((32, 64) if widest <= 64 else (32, 32))
+            if widest > 128:
+                bm, bn = 16, 32
+            if not half and widest > 32:
+                bm, bn = min(bm, 32), min(bn, 32) if widest <= 64 else 16
+            if name == "_masa_bwd_dkdv_kernel":
+                bm, bn = bn, bm  # owns keys (BLOCK_N) and walks queries (BLOCK_M)
+        bm, bn = min(bm, cap), min(bn, cap)
+        warps = 4 if max(bm, bn) * widest <= 64 * 64 else 8
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc, PREC=prec)
+        out[name] = (meta, dict(num_warps=warps))
+    return out
+
+
+def _pow2_cap(N: int) -> int:
+    return C.pow2(N)
+
+
+def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype) -> int:
+    """Shared memory (bytes) kernel needs at config (meta, opts) for inputs of dtype."""
+    raise NotImplementedError
+
+
+def can_run(N: int, D: int, DV: int, dtype: torch.dtype, device) -> Optional[str]:
+    """None if the kernels can run problems of N tokens, head dims D, DV on device; else why."""
+    if max(D, DV) > 256:
+        return f"head dims up to 256 are supported, got d={D}, dv={DV}"
+    return None
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _pass_fwd(q, k, v, lg, scale: float, axis: Optional[str]):
     B, HEADS, H, W, D = q.shape
     DV = v.shape[-1]
     R, Y, X = _geometry(q.shape, axis)
     N = Y * X
     out = torch.empty(B, HEADS, H, W, DV, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, HEADS, H, W, device=q.device, dtype=_acc_dtype(q.dtype))
-    lg = log_gamma.to(device=q.device, dtype=_acc_dtype(q.dtype)).contiguous()
-    meta, warps = _config(N, D, DV, q.dtype)
+    lse = torch.empty(B, HEADS, H, W, device=q.device, dtype=C.acc_dtype(q.dtype))
+    meta, opts = configs(N, D, DV, q.dtype)["_masa_fwd_kernel"]
     # problems on grid axis 0 (up to 2**31 - 1); axis 1 is limited to 65535 blocks
     grid = (B * HEADS * R, triton.cdiv(N, meta["BLOCK_M"]))
     _masa_fwd_kernel[grid](
@@ -281,81 +350,108 @@ def masa_fwd(q, k, v, log_gamma, scale: float, axis: Optional[str]):
         *_strides(q, axis), *_strides(k, axis), *_strides(v, axis), *_strides(out, axis),
         *_strides(lse, axis, with_feature=False),
         HEADS, R, X, N, D, DV, float(scale),
-        num_warps=warps, **meta,
+        **opts, **meta,
     )
     return out, lse
+
+
+def _num_dlg_partials(shape, axis: Optional[str], D: int, DV: int, dtype) -> int:
+    R, Y, X = _geometry(shape, axis)
+    meta, _ = configs(Y * X, D, DV, dtype)["_masa_bwd_dq_kernel"]
+    return R * triton.cdiv(Y * X, meta["BLOCK_M"])
+
+
+def _pass_bwd(dout, q, k, v, o, lse, lg, scale: float, axis: Optional[str],
+              dq, dk, dv, delta, dlg_part, dlg_off: int, accum: bool):
+    """Gradients of one pass into dq, dk (added to their contents if accum), dv; dlog_gamma
+    partials into dlg_part (HEADS, B, P) at column offset dlg_off. delta is scratch."""
+    B, HEADS, H, W, D = q.shape
+    DV = v.shape[-1]
+    R, Y, X = _geometry(q.shape, axis)
+    N = Y * X
+    cfg = configs(N, D, DV, q.dtype)
+    meta, opts = cfg["_masa_bwd_dq_kernel"]
+    num_m = triton.cdiv(N, meta["BLOCK_M"])
+    common = (*_strides(q, axis), *_strides(k, axis), *_strides(v, axis))
+    stats = (*_strides(lse, axis, with_feature=False), *_strides(delta, axis, with_feature=False))
+    _masa_bwd_dq_kernel[(B * HEADS * R, num_m)](
+        q, k, v, o, dout, lse, delta, dq, dlg_part, lg,
+        *common, *_strides(o, axis), *_strides(dout, axis), *stats, *_strides(dq, axis),
+        HEADS, B, R, X, N, D, DV, float(scale), num_m, dlg_part.shape[-1], dlg_off,
+        ACCUM=accum, **opts, **meta,
+    )
+    meta, opts = cfg["_masa_bwd_dkdv_kernel"]
+    _masa_bwd_dkdv_kernel[(B * HEADS * R, triton.cdiv(N, meta["BLOCK_N"]))](
+        q, k, v, dout, lse, delta, dk, dv, lg,
+        *common, *_strides(dout, axis), *stats, *_strides(dk, axis), *_strides(dv, axis),
+        HEADS, R, X, N, D, DV, float(scale),
+        ACCUM=accum, **opts, **meta,
+    )
+
+
+def _log_gamma(log_gamma, q):
+    return log_gamma.to(device=q.device, dtype=C.acc_dtype(q.dtype)).contiguous()
+
+
+def forward(q, k, v, log_gamma, scale: float, decomposed: bool):
+    """The whole op. q, k (B, heads, H, W, d), v (B, heads, H, W, dv), any strides; log_gamma (heads,).
+
+    Returns (out, v_mid, lse_w, lse_h): out (B, heads, H, W, dv) contiguous in q.dtype; full
+    form: lse_w the full-grid log-sum-exp, v_mid and lse_h empty; decomposed: v_mid / lse_w of
+    the W pass, lse_h of the H pass. Statistics in fp32 (fp64 for fp64 inputs).
+    """
+    lg = _log_gamma(log_gamma, q)
+    if not decomposed:
+        out, lse = _pass_fwd(q, k, v, lg, scale, None)
+        return out, out.new_empty((0,)), lse, lse.new_empty((0,))
+    v_mid, lse_w = _pass_fwd(q, k, v, lg, scale, "w")
+    out, lse_h = _pass_fwd(q, k, v_mid, lg, scale, "h")
+    return out, v_mid, lse_w, lse_h
+
+
+def backward(dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, scale: float, decomposed: bool):
+    """Gradients of forward: dq, dk, dv (contiguous, input dtypes) and dlog_gamma (heads,) in the
+    accumulation dtype. The decomposed form runs the H pass, then the W pass adding into dq, dk."""
+    B, HEADS, H, W, D = q.shape
+    DV = v.shape[-1]
+    acc = C.acc_dtype(q.dtype)
+    lg = _log_gamma(log_gamma, q)
+    dq = torch.empty(B, HEADS, H, W, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, HEADS, H, W, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, HEADS, H, W, DV, device=q.device, dtype=v.dtype)
+    delta = torch.empty(B, HEADS, H, W, device=q.device, dtype=acc)
+    if not decomposed:
+        P = _num_dlg_partials(q.shape, None, D, DV, q.dtype)
+        part = torch.empty(HEADS, B, P, device=q.device, dtype=acc)
+        _pass_bwd(dout, q, k, v, out, lse_w, lg, scale, None, dq, dk, dv, delta, part, 0, False)
+    else:
+        p_h = _num_dlg_partials(q.shape, "h", D, DV, q.dtype)
+        p_w = _num_dlg_partials(q.shape, "w", D, DV, q.dtype)
+        part = torch.empty(HEADS, B, p_h + p_w, device=q.device, dtype=acc)
+        dv_mid = torch.empty(B, HEADS, H, W, DV, device=q.device, dtype=v_mid.dtype)
+        _pass_bwd(dout, q, k, v_mid, out, lse_h, lg, scale, "h", dq, dk, dv_mid, delta, part, 0, False)
+        _pass_bwd(dv_mid, q, k, v, v_mid, lse_w, lg, scale, "w", dq, dk, dv, delta, part, p_h, True)
+    dlg = C.sum_partials(part.view(HEADS, -1, 1)).view(HEADS)
+    return dq, dk, dv, dlg
+
+
+# one pass at a time (the contract of vitattn.masa before its whole-op backends)
+
+
+def masa_fwd(q, k, v, log_gamma, scale: float, axis: Optional[str]):
+    """One grid-attention pass: out (B, heads, H, W, dv) contiguous and lse (B, heads, H, W)."""
+    return _pass_fwd(q, k, v, _log_gamma(log_gamma, q), scale, axis)
 
 
 def masa_bwd(dout, q, k, v, out, lse, log_gamma, scale: float, axis: Optional[str]):
     """Gradients of one pass: dq, dk, dv (contiguous, input dtypes) and dlog_gamma (heads,)."""
     B, HEADS, H, W, D = q.shape
     DV = v.shape[-1]
-    R, Y, X = _geometry(q.shape, axis)
-    N = Y * X
-    acc = _acc_dtype(q.dtype)
-    # delta_i = rowsum(dO_i * O_i), laid out like lse
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).contiguous()
-    lse = lse.contiguous()
-    lg = log_gamma.to(device=q.device, dtype=acc).contiguous()
+    acc = C.acc_dtype(q.dtype)
     dq = torch.empty(B, HEADS, H, W, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, HEADS, H, W, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, HEADS, H, W, DV, device=q.device, dtype=v.dtype)
-    meta, warps = _config(N, D, DV, q.dtype)
-    common = (
-        *_strides(q, axis), *_strides(k, axis), *_strides(v, axis), *_strides(dout, axis),
-        *_strides(lse, axis, with_feature=False),
-    )
-    _masa_bwd_dkdv_kernel[(B * HEADS * R, triton.cdiv(N, meta["BLOCK_N"]))](
-        q, k, v, dout, lse, delta, dk, dv, lg, *common, *_strides(dk, axis), *_strides(dv, axis),
-        HEADS, R, X, N, D, DV, float(scale), num_warps=warps, **meta,
-    )
-    num_m = triton.cdiv(N, meta["BLOCK_M"])
-    dlg_part = torch.empty(B * HEADS * R, num_m, device=q.device, dtype=acc)
-    _masa_bwd_dq_kernel[(B * HEADS * R, num_m)](
-        q, k, v, dout, lse, delta, dq, dlg_part, lg, *common, *_strides(dq, axis),
-        HEADS, R, X, N, D, DV, float(scale), num_m, num_warps=warps, **meta,
-    )
-    dlg = dlg_part.view(B, HEADS, R * num_m).sum(dim=(0, 2))
-    return dq, dk, dv, dlg
-
-
-# ---------------------------------------------------------------- offline compile check
-
-_FP32_PTRS = {"LSE", "LG", "DELTA", "DLG"}  # statistics: fp32 for every input dtype but fp64
-_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"}
-
-
-def compile_offline(D: int, DV: int, dtype: torch.dtype, N: int = 3136, arch: int = 90):
-    """Compile the three kernels for NVIDIA sm_<arch> without a GPU; {kernel: shared memory bytes}.
-
-    The interpreter runs the kernels' Python, not the compiler: this lowers them to a cubin at
-    the launch configuration masa_fwd/masa_bwd would use, so a construct that only the real
-    compiler rejects shows up on a CPU-only machine. Needs the kernels defined without
-    TRITON_INTERPRET.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    meta, warps = _config(N, D, DV, dtype)
-    out = {}
-    for fn in (_masa_fwd_kernel, _masa_bwd_dkdv_kernel, _masa_bwd_dq_kernel):
-        kernel = getattr(fn, "fn", fn)
-        sig, consts = {}, {}
-        for i, a in enumerate(fn.arg_names):
-            if a in meta:
-                sig[a] = "constexpr"
-                consts[(i,)] = meta[a]
-            elif a == "scale":
-                sig[a] = "fp32"
-            elif a in _FP32_PTRS:
-                sig[a] = "*fp32"
-            elif a in _DATA_PTRS:
-                sig[a] = f"*{names[dtype]}"
-            else:
-                sig[a] = "i32"
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-        assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
-        out[kernel.__name__] = compiled.metadata.shared
-    return out
+    delta = torch.empty(B, HEADS, H, W, device=q.device, dtype=acc)
+    part = torch.empty(HEADS, B, _num_dlg_partials(q.shape, axis, D, DV, q.dtype), device=q.device, dtype=acc)
+    _pass_bwd(dout, q, k, v, out, lse, _log_gamma(log_gamma, q), scale, axis, dq, dk, dv, delta, part, 0, False)
+    return dq, dk, dv, C.sum_partials(part.view(HEADS, -1, 1)).view(HEADS)
