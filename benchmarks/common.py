@@ -3,17 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# ---------------------------------------------------------------- the row schema
+# Each benchmark's run(quick, device[, progress]) returns a list of flat dict rows. The main
+# job's report (vitattn/bench.py) reads these keys; a row may carry more (extra shape
+# parameters as int/str/bool, extra metrics as floats) and they are shown in its table.
+ROW_KEYS = {
+    "op": "the op (the report fills it in from the benchmark's name when absent)",
+    "method": "what ran: 'vitattn:auto', 'vitattn:<backend>', or a peer's name ('rmt_reference', "
+              "'sdpa_float_mask', 'flex_attention_compiled', ...); one plot line per method",
+    "role": "'auto' (vitattn's default choice, backend='auto'), 'backend' (one named vitattn backend), "
+            "'naive' (the naive dense PyTorch code a user would otherwise write: the baseline of every "
+            "speed-up), 'peer' (another implementation of the same math: SDPA with the mask, compiled "
+            "FlexAttention, the compiled reference), 'bound' (computes something simpler, e.g. SDPA "
+            "without the bias: shown, never counted as a peer); inferred from the method when absent",
+    "backend": "the vitattn backend that ran; for 'auto' the one it chose (vitattn.explain(...).chosen)",
+    "form": "the variant that is not a size (MaSA 'full' / 'decomposed', ...): one plot panel per form",
+    "shape": "a short label of the shape (e.g. 'RMT-S s1'), used on the speed-up chart",
+    "tokens": "problem size: tokens per sequence or image (the plots' x axis)",
+    "threads": "intra-op threads the row ran with (CPU)",
+    "dtype": "'float32', 'bfloat16', ...",
+    "fwd_ms": "median forward time, ms (None, with the reason in 'unavailable', when it cannot run)",
+    "fwd_bwd_ms": "median forward+backward time, ms (same convention)",
+    "peak_mib": "peak memory allocated during one forward+backward (peak_memory_mb), MiB",
+    "gflops": "achieved GFLOP/s",
+    "unavailable": "{metric: reason} for what cannot run on this device (e.g. FlexAttention's "
+                   "backward on CPU): shown as n/a with the reason as a footnote (mark_unavailable)",
+    "note": "free text",
+}
+
+
+def mark_unavailable(row: Dict, reason: str, *metrics: str) -> Dict:
+    """Record that ``metrics`` cannot be measured for this row here, and why (the report shows
+    n/a with the reason as a footnote, not a failure)."""
+    na = row.setdefault("unavailable", {})
+    for m in metrics:
+        row[m] = None
+        na[m] = reason
+    return row
+
 
 
 def bench_device(device) -> torch.device:
@@ -55,45 +99,120 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     return statistics.median(times)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+# ---------------------------------------------------------------- peak memory
+
+# how peak_memory_mb measures, per device type (the report states it)
+PEAK_MEMORY_METHOD = {
+    "cpu": "peak bytes allocated through PyTorch's CPU allocator during one call: the running "
+           "total of the allocation and free events the profiler records (profile_memory=True) "
+           "over the call, at its highest. Blocks allocated before the call and freed in it are not "
+           "seen (the figure is the peak of what the call itself allocates); memory allocated "
+           "outside the allocator (oneDNN/BLAS scratch, a kernel's std::vector) is not counted.",
+    "cuda": "torch.cuda.max_memory_allocated during one call minus torch.cuda.memory_allocated "
+            "at its start (the caching allocator's allocated bytes, not its reserved cache).",
+}
+
+# what the profiler prints natively (kineto's USDT start/stop lines, the allocator's warning on
+# freeing a block that was allocated before profiling started): noise, never shown
+_NATIVE_NOISE = re.compile(
+    r"^USDT:|SyncActivityProfilerHandler|ActivityProfilerController|Memory block of unknown size"
+    r"|profiler results will not include the deallocation")
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak extra memory of one call of fn() in MiB.
+def is_profiler_noise(line: str) -> bool:
+    return bool(_NATIVE_NOISE.search(line))
 
-    GPU: torch.cuda.max_memory_allocated over the call. CPU: the growth of the process's
-    resident-set high-water mark (Linux /proc, reset through clear_refs), or None where
-    that is unavailable.
-    """
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Capture what native code writes to file descriptors 1 and 2 inside the block and pass
+    on every line except the profiler's noise (is_profiler_noise) to sys.stdout / sys.stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    saved, files = [], []
+    try:
+        for fd in (1, 2):
+            tmp = tempfile.TemporaryFile()
+            saved.append(os.dup(fd))
+            files.append(tmp)
+            os.dup2(tmp.fileno(), fd)
+    except OSError:  # no usable descriptors (embedded interpreters): leave output alone
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        for tmp in files:
+            tmp.close()
+        yield
+        return
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        for stream, tmp in zip((sys.stdout, sys.stderr), files):
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            tmp.close()
+            kept = [line for line in text.splitlines() if line.strip() and not is_profiler_noise(line)]
+            if kept:
+                stream.write("\n".join(kept) + "\n")
+                stream.flush()
+
+
+def _cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    from torch.autograd.profiler import profile  # not torch.profiler: that one imports torch._dynamo
+
+    with quiet_native_output():
+        with profile(use_cpu=True, profile_memory=True) as prof:
+            fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    running = peak = 0
+    for _, nbytes in sorted(events, key=lambda e: e[0]):  # stable: same-time events keep their order
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def peak_allocated_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated during one call of fn() above what was allocated at its start
+    (PEAK_MEMORY_METHOD says how, per device type); None on other devices. What fn returns
+    is alive at the end of the call and so counts."""
+    device = torch.device(device)
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    try:
-        import gc
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type == "cpu":
+        return _cpu_peak_allocated_bytes(fn)
+    return None
 
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS")
-        fn()
-        return max(0, _rss_kib("VmHWM") - base) / 1024
-    except OSError:
-        return None
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak extra memory of one call of fn() in MiB: peak_allocated_bytes / 2**20 (None where
+    it cannot be measured)."""
+    peak = peak_allocated_bytes(fn, device)
+    return None if peak is None else peak / 2**20
 
 
 def environment(device: torch.device) -> Dict[str, str]:
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
         "device_type": device.type,
+        "cpu": _cpu_model(),
         "cpu_threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -105,7 +224,28 @@ def environment(device: torch.device) -> Dict[str, str]:
         env["triton"] = triton.__version__
     except Exception:
         env["triton"] = "absent"
+    try:
+        from vitattn import _C  # noqa: F401  (the compiled extension; absent without a compiler)
+
+        env["cpu_isa"] = _C.cpu_isa()
+    except Exception:
+        pass
+    try:
+        env["load_avg"] = " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} CPUs)"
+    except OSError:
+        pass
     return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def commit() -> str:
