@@ -142,11 +142,31 @@ def test_build_arguments():
 
 
 def test_check_attn_backend():
-    assert common.check_attn_backend("m", "torch") == "torch"
+    assert common.check_attn_backend("m", "torch", "masa") == "torch"
     with pytest.raises(TypeError, match="attn_backend"):
-        common.check_attn_backend("m", None)
+        common.check_attn_backend("m", None, "masa")
     with pytest.raises(ValueError, match="attn_backend"):
-        common.check_attn_backend("m", "fast")
+        common.check_attn_backend("m", "fast", "masa")
+
+
+# every family's op: its attn_backend is checked at construction against that op's own backends
+FAMILY_OPS = {"rmt_t": "masa", "sret_t": "group_attention", "dynamixer_s": "dynamixer", "setformer_mini": "ot_attention"}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_OPS))
+def test_attn_backend_checked_against_the_models_op(name):
+    import vitattn
+
+    op = FAMILY_OPS[name]
+    allowed = vitattn.backends(op)
+    assert "auto" in allowed and "torch" in allowed
+    with torch.device("meta"):
+        for backend in ("auto", "cuda", "triton", "cpu", "torch"):
+            if backend in allowed:
+                assert models.create_model(name, attn_backend=backend).attn_backend == backend
+            else:  # e.g. "cuda" for SReT: group attention has no such backend; the model says so when built
+                with pytest.raises(ValueError, match=f"attn_backend must be one of the {op} op's backends"):
+                    models.create_model(name, attn_backend=backend)
 
 
 # ---------------------------------------------------------------- DropPath

@@ -62,8 +62,8 @@ def randomize(model, seed=0):
 
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_param_counts(name):
-    with torch.device("meta"):  # layout only
-        model = getattr(st, name)()
+    with torch.device("meta"):  # layout only (the L2-normalised form; the Nystrom default: test_models_setformer_nystrom)
+        model = getattr(st, name)(embedding="normalized")
     n = sum(p.numel() for p in model.parameters())
     assert n == COUNTS[name]
     if name == "setformer_mini":
@@ -133,7 +133,8 @@ def test_set_layer_matches_dense_formula(backend, tau):
     torch.manual_seed(1)
     small = backend == "triton" and SLOW_TRITON
     dim, heads, H, W, B = (16, 2, 3, 5, 1) if small else (24, 3, 5, 7, 2)  # odd grids
-    layer = st.SeTAttention(dim, heads, ref_side=3, eps=0.2, iters=4, tau=tau, attn_backend=backend)
+    layer = st.SeTAttention(dim, heads, ref_side=3, eps=0.2, iters=4, tau=tau, attn_backend=backend,
+                            embedding="normalized")
     layer = randomize(layer).to(DEV, torch.float64)
     # a non-contiguous input (strided channels)
     x = torch.randn(B, H, W, 2 * dim, dtype=torch.float64, device=DEV)[..., ::2].requires_grad_(True)
@@ -152,14 +153,15 @@ def test_set_layer_matches_dense_formula(backend, tau):
 
 def test_set_layer_gradcheck():
     torch.manual_seed(2)
-    layer = st.SeTAttention(8, 2, ref_side=2, eps=0.3, iters=3, tau=0.4, attn_backend="torch").double()
+    layer = st.SeTAttention(8, 2, ref_side=2, eps=0.3, iters=3, tau=0.4, attn_backend="torch",
+                            embedding="normalized").double()
     x = torch.randn(1, 3, 4, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
 
 
 def test_set_layer_fp32_close_to_fp64():
     torch.manual_seed(3)
-    layer = st.SeTAttention(32, 2, ref_side=3, attn_backend="torch")
+    layer = st.SeTAttention(32, 2, ref_side=3, attn_backend="torch", embedding="normalized")
     x = torch.randn(2, 6, 9, 32)
     out = layer(x)
     want = dense_set_layer(layer.double(), x.double())
@@ -182,7 +184,7 @@ def test_model_backend_matches_reference(backend, monkeypatch):
     x = images(1, 32, 48, torch.float64) if small else images(2, 48, 80, torch.float64)  # non-square
     out = model(x)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    monkeypatch.setattr(st._sinkhorn, "ot_attention", _reference_ot_attention)
+    monkeypatch.setattr(st, "ot_attention", _reference_ot_attention)
     want = model(x)
     grads_ref = torch.autograd.grad(want.square().sum(), list(model.parameters()))
     torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-9)

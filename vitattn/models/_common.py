@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from ..nn._backend import check_backend
 from ._features import check_feature_kwargs
 
 # Keys under which training scripts (DeiT/timm/RMT/SReT style) nest the weights in a checkpoint.
@@ -21,7 +22,6 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 # Arguments timm's create_model passes to every entrypoint; our constructors do not use them.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
-ATTN_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 # the ImageNet normalisation every model here was trained with (timm's IMAGENET_DEFAULT_*)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,13 +142,10 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
-def check_attn_backend(name: str, attn_backend) -> str:
-    """Validate a model's attn_backend argument early (the ops would reject it only at forward time)."""
-    if not isinstance(attn_backend, str):
-        raise TypeError(f"{name}: attn_backend must be a string, got {type(attn_backend).__name__}")
-    if attn_backend not in ATTN_BACKENDS:
-        raise ValueError(f"{name}: attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
-    return attn_backend
+def check_attn_backend(name: str, attn_backend, op: str) -> str:
+    """Validate a model's attn_backend argument at construction against the backends of the op
+    the model runs (``vitattn.backends(op)``; the op itself would reject it only at forward)."""
+    return check_backend(name, attn_backend, op, arg="attn_backend")
 
 
 def build(name: str, cls: Callable[..., nn.Module], pretrained, cfg: Dict[str, Any], kwargs: Dict[str, Any],

@@ -20,13 +20,12 @@ official weights).
 
 from __future__ import annotations
 
-import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..nn.dynamixer import DynaMixerBlock, DynaMixerOp, Mlp
+from ..nn.dynamixer import DynaMixerBlock, Mlp
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -62,20 +61,6 @@ class Downsample(nn.Module):
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def _mixer(dim: int, resolution: int, num_head: int, reduced_dim: int, qkv_bias: bool, backend: str) -> nn.Module:
-    """The token-mixing module (vitattn.nn.dynamixer.DynaMixerBlock) with the given reduced_dim."""
-    kw = dict(resolution=resolution, num_head=num_head, qkv_bias=qkv_bias, backend=backend)
-    if "reduced_dim" in inspect.signature(DynaMixerBlock).parameters:
-        return DynaMixerBlock(dim, reduced_dim=reduced_dim, **kw)
-    block = DynaMixerBlock(dim, **kw)
-    if reduced_dim != 2:
-        # this DynaMixerBlock fixes reduced_dim=2 (DynaMixer-L needs 8): swap in ops of the
-        # right width under the same names (the op reads d from the weights' shapes)
-        block.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim, backend=backend)
-        block.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim, backend=backend)
-    return block
-
-
 class DynaMixerLayer(nn.Module):
     """One block (official ``VisionBlock``): token mixing and MLP, each pre-norm and residual."""
 
@@ -83,9 +68,10 @@ class DynaMixerLayer(nn.Module):
                  qkv_bias: bool = False, drop_path: float = 0.0, skip_lam: float = 1.0,
                  attn_backend: str = "auto"):
         super().__init__()
-        check_attn_backend("DynaMixerLayer", attn_backend)
+        check_attn_backend("DynaMixerLayer", attn_backend, "dynamixer")
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = _mixer(dim, resolution, num_head, reduced_dim, qkv_bias, attn_backend)
+        self.attn = DynaMixerBlock(dim, resolution, num_head, reduced_dim=reduced_dim, qkv_bias=qkv_bias,
+                                   backend=attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> GELU -> fc2, as the official utils.Mlp
@@ -129,7 +115,7 @@ class DynaMixer(IntermediatesMixin, nn.Module):
         elif list(resolutions) != grid:
             raise ValueError(f"DynaMixer: resolutions {list(resolutions)} do not match the token grid {grid} "
                              f"of img_size={img_size} with patch_size={patch_size} and transitions {list(transitions)}")
-        self.attn_backend = check_attn_backend("DynaMixer", attn_backend)
+        self.attn_backend = check_attn_backend("DynaMixer", attn_backend, "dynamixer")
         self.resolutions = list(resolutions)
         self.num_classes = num_classes
         self.img_size = img_size

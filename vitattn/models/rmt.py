@@ -119,7 +119,7 @@ class VisionRetention(nn.Module):
         self.key_dim = embed_dim // num_heads
         self.scaling = self.key_dim ** -0.5
         self.decomposed = bool(decomposed)
-        self.attn_backend = check_attn_backend("VisionRetention", attn_backend)
+        self.attn_backend = check_attn_backend("VisionRetention", attn_backend, "masa")
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=True)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=True)
         self.v_proj = nn.Linear(embed_dim, embed_dim * value_factor, bias=True)
@@ -296,7 +296,7 @@ def _build_trunk(model: nn.Module, owner: str, in_chans: int, embed_dims, depths
                  layerscales, layer_init_values: float, attn_backend: str) -> List[int]:
     """Give ``model`` the stem and stages shared by the classifier and the backbone
     (``patch_embed``, ``layers``); returns the per-stage widths."""
-    check_attn_backend(owner, attn_backend)
+    check_attn_backend(owner, attn_backend, "masa")
     depths = list(depths)
     n = len(depths)
     try:
@@ -381,7 +381,7 @@ class VisRetNet(IntermediatesMixin, nn.Module):
                  projection: int = 1024, layerscales=(False, False, False, False), layer_init_values: float = 1e-6,
                  attn_backend: str = "auto"):
         super().__init__()
-        check_attn_backend("VisRetNet", attn_backend)
+        check_attn_backend("VisRetNet", attn_backend, "masa")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"VisRetNet: num_classes must be an int >= 0, got {num_classes!r}")
         embed_dims = _build_trunk(self, "VisRetNet", in_chans, embed_dims, depths, num_heads, init_values,

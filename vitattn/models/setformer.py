@@ -48,25 +48,21 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from ._common import DropPath, build
+from .. import gaussian_filter_2d, ot_attention
+from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
+from ..nn.nystrom import NystromEmbedding
 
-from ..ops.sinkhorn import op as _sinkhorn
+EMBEDDINGS = ("nystrom", "normalized")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward once the wanted features are seen."""
+
 
 __all__ = ["SeTformer", "SeTformerFeatures", "SeTBlock", "SeTAttention", "setformer_mini", "setformer_tiny", "setformer_small",
            "setformer_base"]
-
-SINKHORN_BACKENDS = ("auto", "triton", "torch")
-
-
-def _check_backend(name: str, attn_backend) -> str:
-    if not isinstance(attn_backend, str):
-        raise TypeError(f"{name}: attn_backend must be a string, got {type(attn_backend).__name__}")
-    if attn_backend not in SINKHORN_BACKENDS:
-        raise ValueError(f"{name}: attn_backend must be one of {SINKHORN_BACKENDS}, got {attn_backend!r}")
-    return attn_backend
-
 
 def _positive(name: str, arg: str, value, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
@@ -85,7 +81,8 @@ class SeTAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, ref_side: int = 8, *, eps: float = 0.1, iters: int = 5,
-                 tau: Optional[float] = 0.1, proj_drop: float = 0.0, attn_backend: str = "auto"):
+                 tau: Optional[float] = 0.1, proj_drop: float = 0.0, attn_backend: str = "auto",
+                 embedding: str = "nystrom", num_anchors: Optional[int] = None, sigma: float = 0.5):
         super().__init__()
         name = "SeTAttention"
         _positive(name, "dim", dim, int)
@@ -96,14 +93,23 @@ class SeTAttention(nn.Module):
         self.eps = _positive(name, "eps", eps)
         self.iters = _positive(name, "iters", iters, int)
         self.tau = None if tau is None else _positive(name, "tau", tau)
-        self.attn_backend = _check_backend(name, attn_backend)
+        self.attn_backend = check_attn_backend(name, attn_backend, "ot_attention")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_refs = ref_side * ref_side
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"{name}: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.embedding = embedding
         self.feat = nn.Linear(dim, dim)  # features whose kernel defines the transport cost
         self.v = nn.Linear(dim, dim)
-        self.ref = nn.Parameter(torch.empty(num_heads, self.num_refs, self.head_dim))
+        if embedding == "nystrom":
+            k = self.head_dim if num_anchors is None else _positive(name, "num_anchors", num_anchors, int)
+            self.embed = NystromEmbedding(self.head_dim, k, heads=num_heads, sigma=_positive(name, "sigma", sigma))
+        else:
+            k = self.head_dim
+        self.embed_dim = k  # the space where tokens and references meet
+        self.ref = nn.Parameter(torch.empty(num_heads, self.num_refs, k))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_references()
@@ -120,25 +126,27 @@ class SeTAttention(nn.Module):
         """(H*W, m) Gaussian position filter (a constant), or None without a positional term."""
         if self.tau is None:
             return None
-        return _sinkhorn.gaussian_filter_2d(H, W, self.num_refs, sigma=self.tau, device=device, dtype=dtype)
+        return gaussian_filter_2d(H, W, self.num_refs, sigma=self.tau, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
         n, h, d = H * W, self.num_heads, self.head_dim
         # (B, H, W, C) -> (B, heads, n, d) as views; the unit-norm features make exp(S / eps)
         # a Gaussian kernel between feature and reference directions
-        f = F.normalize(self.feat(x).view(B, n, h, d), dim=-1).transpose(1, 2)
+        f = self.feat(x).view(B, n, h, d).transpose(1, 2)
+        f = self.embed(f) if self.embedding == "nystrom" else F.normalize(f, dim=-1)
         v = self.v(x).view(B, n, h, d).transpose(1, 2)
         ref = F.normalize(self.ref, dim=-1).to(f.dtype)
         # the filter is exact data: fp32 (the op's accumulation dtype), fp64 for an fp64 model
         filt = self.position_filter(H, W, x.device, torch.float64 if f.dtype == torch.float64 else torch.float32)
-        out = _sinkhorn.ot_attention(f, ref, v, eps=self.eps, iters=self.iters, pos_filter=filt,
+        out = ot_attention(f, ref, v, eps=self.eps, iters=self.iters, pos_filter=filt,
                                      backend=self.attn_backend)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, num_refs={self.num_refs}, eps={self.eps}, "
+        return (f"dim={self.dim}, num_heads={self.num_heads}, num_refs={self.num_refs}, embedding={self.embedding!r}, "
+                f"eps={self.eps}, "
                 f"iters={self.iters}, tau={self.tau}, attn_backend={self.attn_backend!r}")
 
 
@@ -159,11 +167,12 @@ class SeTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, ref_side: int, mlp_ratio: float = 3.0, drop: float = 0.0,
                  drop_path: float = 0.0, layer_scale: Optional[float] = None, *, eps: float = 0.1,
-                 iters: int = 5, tau: Optional[float] = 0.1, attn_backend: str = "auto"):
+                 iters: int = 5, tau: Optional[float] = 0.1, attn_backend: str = "auto", embedding: str = "nystrom",
+                 sigma: float = 0.5):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SeTAttention(dim, num_heads, ref_side, eps=eps, iters=iters, tau=tau, proj_drop=drop,
-                                 attn_backend=attn_backend)
+                                 attn_backend=attn_backend, embedding=embedding, sigma=sigma)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -214,12 +223,13 @@ class ConvDownsample(nn.Module):
 class SeTStage(nn.Module):
     def __init__(self, dim: int, out_dim: Optional[int], depth: int, num_heads: int, ref_side: int,
                  mlp_ratio: float, drop: float, drop_path: Sequence[float], layer_scale: Optional[float],
-                 eps: float, iters: int, tau: Optional[float], attn_backend: str, use_checkpoint: bool = False):
+                 eps: float, iters: int, tau: Optional[float], attn_backend: str, use_checkpoint: bool = False,
+                 embedding: str = "nystrom", sigma: float = 0.5):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
             SeTBlock(dim, num_heads, ref_side, mlp_ratio, drop, drop_path[i], layer_scale, eps=eps, iters=iters,
-                     tau=tau, attn_backend=attn_backend)
+                     tau=tau, attn_backend=attn_backend, embedding=embedding, sigma=sigma)
             for i in range(depth)
         ])
         self.downsample = ConvDownsample(dim, out_dim) if out_dim is not None else None
@@ -258,9 +268,9 @@ class SeTformer(IntermediatesMixin, nn.Module):
                  depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), ref_sides=(8, 8, 7, 4), mlp_ratio: float = 3.0,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1, layer_scale: Optional[float] = None,
                  eps: float = 0.1, iters: int = 5, tau: Optional[float] = 0.1, attn_backend: str = "auto",
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, embedding: str = "nystrom", sigma: float = 0.5):
         super().__init__()
-        _check_backend("SeTformer", attn_backend)
+        check_attn_backend("SeTformer", attn_backend, "ot_attention")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"SeTformer: num_classes must be an int >= 0, got {num_classes!r}")
         n = len(depths)
@@ -279,7 +289,7 @@ class SeTformer(IntermediatesMixin, nn.Module):
             self.stages.append(SeTStage(
                 dims[i], dims[i + 1] if i < n - 1 else None, depths[i], num_heads[i], ref_sides[i], mlp_ratio,
                 drop_rate, dpr[start:start + depths[i]], layer_scale, eps, iters, tau, attn_backend,
-                use_checkpoint,
+                use_checkpoint, embedding, sigma,
             ))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -300,7 +310,35 @@ class SeTformer(IntermediatesMixin, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self):
-        return {"ref"}
+        return {"ref", "anchors"}
+
+    @torch.no_grad()
+    def init_anchors_kmeans(self, images: Tensor, iters: int = 20, generator: Optional[torch.Generator] = None) -> None:
+        """Initialise every SeT layer's Nyström anchors by spherical k-means on the features that
+        layer sees for ``images`` (CKN / OTKE's unsupervised initialisation), layer after layer,
+        so that each layer's features come from the already initialised layers before it."""
+        layers = [m for m in self.modules() if isinstance(m, SeTAttention) and m.embedding == "nystrom"]
+        was_training = self.training
+        self.eval()
+        try:
+            for layer in layers:
+                seen = []
+
+                def grab(mod, args, out, seen=seen, heads=layer.num_heads):
+                    B, H, W, C = args[0].shape
+                    seen.append(out.view(B, H * W, heads, C // heads).transpose(1, 2))
+                    raise _StopForward
+
+                handle = layer.feat.register_forward_hook(grab)
+                try:
+                    self.forward_features(images)
+                except _StopForward:
+                    pass
+                finally:
+                    handle.remove()
+                layer.embed.init_kmeans_(seen[0], iters=iters, generator=generator)
+        finally:
+            self.train(was_training)
 
     def get_classifier(self) -> nn.Module:
         return self.head

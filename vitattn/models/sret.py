@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import group_attention, random_permutation
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -53,13 +54,6 @@ from ._registry import register_model
 EVAL_PERMUTATIONS = ("fixed", "random", "off")
 
 __all__ = ["SReT", "SReTFeatures", "sret_t", "sret_lt", "sret_s", "EVAL_PERMUTATIONS"]
-
-
-def _ops():
-    # the public ops, looked up on use (vitattn.models is imported by vitattn's users, not by vitattn)
-    import vitattn
-
-    return vitattn
 
 
 # ---------------------------------------------------------------- layers
@@ -122,7 +116,7 @@ class GroupAttention(nn.Module):
         self.groups1 = groups1
         self.groups2 = groups2
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.attn_backend = check_attn_backend("GroupAttention", attn_backend)
+        self.attn_backend = check_attn_backend("GroupAttention", attn_backend, "group_attention")
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -149,17 +143,17 @@ class GroupAttention(nn.Module):
 
     def _draw_fixed(self, n: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.permutation_seed)
-        perm = _ops().random_permutation(n, device=torch.device("cpu"), generator=gen)
+        perm = random_permutation(n, device=torch.device("cpu"), generator=gen)
         device = self.qkv.weight.device
         return perm.to(device) if device.type != "meta" else perm
 
     def _permutation(self, n: int, device: torch.device) -> Optional[Tensor]:
         if self.training:
-            return _ops().random_permutation(n, device=device, generator=self.generator)
+            return random_permutation(n, device=device, generator=self.generator)
         if self.eval_permutation == "off":
             return None
         if self.eval_permutation == "random":
-            return _ops().random_permutation(n, device=device, generator=self.generator)
+            return random_permutation(n, device=device, generator=self.generator)
         if self.eval_perm is None or self.eval_perm.numel() != n:
             # built lazily in eager mode when the token count was not known at construction
             self.eval_perm = self._draw_fixed(n)
@@ -171,7 +165,7 @@ class GroupAttention(nn.Module):
         perm = self._permutation(N, x.device) if (recursive and groups > 1) else None
         # (B, N, 3 * C) -> three (B, heads, N, head_dim) views; channels are head-major
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = _ops().group_attention(q, k, v, groups, perm=perm, scale=self.scale,
+        out = group_attention(q, k, v, groups, perm=perm, scale=self.scale,
                                                  backend=self.attn_backend)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
@@ -306,7 +300,7 @@ class SReT(IntermediatesMixin, nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self._check_config(img_size, base_dims, depth, recursive_num, heads, groups1, groups2, num_classes,
                            attn_drop_rate, eval_permutation, permutation_seed)
-        self.attn_backend = check_attn_backend("SReT", attn_backend)
+        self.attn_backend = check_attn_backend("SReT", attn_backend, "group_attention")
         self.permutation_seed = permutation_seed
         self.base_dims = list(base_dims)
         self.heads = list(heads)

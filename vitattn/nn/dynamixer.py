@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dynamixer
+from ._backend import check_backend
 
 
 class Mlp(nn.Module):
@@ -42,6 +43,7 @@ class DynaMixerOp(nn.Module):
         super().__init__()
         if dim % num_head != 0:
             raise ValueError(f"DynaMixerOp: dim={dim} must be divisible by num_head={num_head}")
+        check_backend("DynaMixerOp", backend, "dynamixer")
         self.dim = dim
         self.seq_len = seq_len
         self.num_head = num_head
