@@ -433,25 +433,3 @@ def backward(dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, scale: float, d
         _pass_bwd(dv_mid, q, k, v, v_mid, lse_w, lg, scale, "w", dq, dk, dv, delta, part, p_h, True)
     dlg = C.sum_partials(part.view(HEADS, -1, 1)).view(HEADS)
     return dq, dk, dv, dlg
-
-
-# one pass at a time (the contract of vitattn.masa before its whole-op backends)
-
-
-def masa_fwd(q, k, v, log_gamma, scale: float, axis: Optional[str]):
-    """One grid-attention pass: out (B, heads, H, W, dv) contiguous and lse (B, heads, H, W)."""
-    return _pass_fwd(q, k, v, _log_gamma(log_gamma, q), scale, axis)
-
-
-def masa_bwd(dout, q, k, v, out, lse, log_gamma, scale: float, axis: Optional[str]):
-    """Gradients of one pass: dq, dk, dv (contiguous, input dtypes) and dlog_gamma (heads,)."""
-    B, HEADS, H, W, D = q.shape
-    DV = v.shape[-1]
-    acc = C.acc_dtype(q.dtype)
-    dq = torch.empty(B, HEADS, H, W, D, device=q.device, dtype=q.dtype)
-    dk = torch.empty(B, HEADS, H, W, D, device=q.device, dtype=k.dtype)
-    dv = torch.empty(B, HEADS, H, W, DV, device=q.device, dtype=v.dtype)
-    delta = torch.empty(B, HEADS, H, W, device=q.device, dtype=acc)
-    part = torch.empty(HEADS, B, _num_dlg_partials(q.shape, axis, D, DV, q.dtype), device=q.device, dtype=acc)
-    _pass_bwd(dout, q, k, v, out, lse, _log_gamma(log_gamma, q), scale, axis, dq, dk, dv, delta, part, 0, False)
-    return dq, dk, dv, C.sum_partials(part.view(HEADS, -1, 1)).view(HEADS)

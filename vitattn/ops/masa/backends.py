@@ -18,6 +18,7 @@ overridden per shape class by measured.json (see vitattn/_dispatch.py).
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 from ... import _dispatch as D
@@ -46,8 +47,10 @@ def _load_torch():
 
 
 def _load_triton():
+    # the whole op in the kernels: the decomposed backward's W pass adds into the H pass's dq /
+    # dk inside the kernels, and delta is formed there (kernels/masa.py)
     tk = _triton.kernels("masa")
-    return torch_impl.TwoPass(tk.masa_fwd, tk.masa_bwd)
+    return SimpleNamespace(fwd=tk.forward, bwd=tk.backward)
 
 
 # ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/masa*)

@@ -73,9 +73,13 @@ def _setup_context(ctx, inputs, output):
     out, v_mid, lse_w, lse_h = output
     ctx.save_for_backward(q, k, v, log_gamma, out, v_mid, lse_w, lse_h)
     ctx.scale, ctx.decomposed, ctx.backend = scale, decomposed, backend
+    # v_mid and the lse tensors never get a gradient: no zero-filled tensors for them
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dv_mid, _dlse_w, _dlse_h):
+    if dout is None:  # only the internal outputs were used
+        return None, None, None, None, None, None, None
     q, k, v, log_gamma, out, v_mid, lse_w, lse_h = ctx.saved_tensors
     dq, dk, dv, dlg = torch.ops.vitattn.masa_bwd(
         dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, ctx.scale, ctx.decomposed, ctx.backend)
