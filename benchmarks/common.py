@@ -21,9 +21,12 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # ---------------------------------------------------------------- the row schema
-# Each benchmark's run(quick, device[, progress]) returns a list of flat dict rows. The main
-# job's report (vitattn/bench.py) reads these keys; a row may carry more (extra shape
-# parameters as int/str/bool, extra metrics as floats) and they are shown in its table.
+# Each benchmark's run(quick, device[, progress]) returns a list of flat dict rows (progress,
+# when accepted, is called with a short label as each row starts). The main job's report
+# (vitattn/bench.py) reads these keys; a row may carry more (extra shape parameters as
+# int/str/bool, extra metrics as floats) and they are shown in its table. The main job runs
+# masa, sinkhorn, group_attention, dynamixer and models, and any other bench_<name>.py that
+# sets MAIN_JOB = True at module level.
 ROW_KEYS = {
     "op": "the op (the report fills it in from the benchmark's name when absent)",
     "method": "what ran: 'vitattn:auto', 'vitattn:<backend>', or a peer's name ('rmt_reference', "

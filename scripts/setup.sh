@@ -12,7 +12,8 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 need=()
 $PY -c "import triton" 2>/dev/null || need+=("triton==3.9.0")
-for m in numpy pytest hypothesis ninja pybind11; do
+# matplotlib: the main job's plots (pyproject's "bench" extra)
+for m in numpy pytest hypothesis ninja pybind11 matplotlib; do
   $PY -c "import $m" 2>/dev/null || need+=("$m")
 done
 if [ ${#need[@]} -gt 0 ]; then
