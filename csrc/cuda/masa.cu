@@ -54,28 +54,15 @@ __device__ __forceinline__ void st<__half>(__half* p, float v) { *p = __float2ha
 template <>
 __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-struct Prob {
-  int b, h, r;
-};
+// problem z -> (batch, head, r) and token offsets: the shared geometry (masa_geometry.h)
+__device__ __forceinline__ masa::Problem decode(int z, int R, int heads) { return masa::problem_of<int>(z, R, heads); }
 
-__device__ __forceinline__ Prob decode(int z, int R, int heads) {
-  Prob p;
-  p.r = z % R;
-  const int bh = z / R;
-  p.h = bh % heads;
-  p.b = bh / heads;
-  return p;
+__device__ __forceinline__ long long base6(const Strides6& s, const masa::Problem& p) {
+  return masa::problem_offset(s, p);
 }
-
-__device__ __forceinline__ long long base6(const Strides6& s, const Prob& p) {
-  return (long long)p.b * s.b + (long long)p.h * s.h + (long long)p.r * s.r;
-}
-__device__ __forceinline__ long long tok6(const Strides6& s, int n, int X) {
-  return (long long)(n / X) * s.y + (long long)(n % X) * s.x;
-}
-__device__ __forceinline__ long long off5(const Strides5& s, const Prob& p, int n, int X) {
-  return (long long)p.b * s.b + (long long)p.h * s.h + (long long)p.r * s.r + (long long)(n / X) * s.y +
-         (long long)(n % X) * s.x;
+__device__ __forceinline__ long long tok6(const Strides6& s, int n, int X) { return masa::token_offset(s, n, X); }
+__device__ __forceinline__ long long off5(const Strides5& s, const masa::Problem& p, int n, int X) {
+  return masa::problem_offset(s, p) + masa::token_offset(s, n, X);
 }
 
 __device__ __forceinline__ float manhattan(int i, int j, int X) {
@@ -123,7 +110,7 @@ __global__ void __launch_bounds__(kRowMaxWarps * 32) row_fwd_kernel(FwdParams p)
   float* Vs = Ks + L * ldk;
   float* P = Vs + L * dv + warp * L;
   const int z = blockIdx.x;
-  const Prob pr = decode(z, p.R, p.heads);
+  const masa::Problem pr = decode(z, p.R, p.heads);
   const T* q = static_cast<const T*>(p.q) + base6(p.sq, pr);
   const T* k = static_cast<const T*>(p.k) + base6(p.sk, pr);
   const T* v = static_cast<const T*>(p.v) + base6(p.sv, pr);
@@ -187,7 +174,7 @@ __global__ void __launch_bounds__(kRowMaxWarps * 32) row_bwd_kernel(BwdParams p)
   float* Wds = Wp + L;
   float* red = delta_s + L + nw * 2 * L;
   const int z = blockIdx.x;
-  const Prob pr = decode(z, p.R, p.heads);
+  const masa::Problem pr = decode(z, p.R, p.heads);
   const T* q = static_cast<const T*>(p.q) + base6(p.sq, pr);
   const T* k = static_cast<const T*>(p.k) + base6(p.sk, pr);
   const T* v = static_cast<const T*>(p.v) + base6(p.sv, pr);
@@ -285,7 +272,7 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_fwd_kernel(FwdParams p
   float* Ks = Qs + BM * d;
   float* Vs = Ks + kTile * ldk;
   const int z = blockIdx.x, m0 = blockIdx.y * BM;
-  const Prob pr = decode(z, p.R, p.heads);
+  const masa::Problem pr = decode(z, p.R, p.heads);
   const T* q = static_cast<const T*>(p.q) + base6(p.sq, pr);
   const T* k = static_cast<const T*>(p.k) + base6(p.sk, pr);
   const T* v = static_cast<const T*>(p.v) + base6(p.sv, pr);
@@ -364,7 +351,7 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_bwd_dq_kernel(BwdParam
   float* Vs = Ks + kTile * ldk;
   float* red = Vs + kTile * ldv;
   const int z = blockIdx.x, m0 = blockIdx.y * BM;
-  const Prob pr = decode(z, p.R, p.heads);
+  const masa::Problem pr = decode(z, p.R, p.heads);
   const T* q = static_cast<const T*>(p.q) + base6(p.sq, pr);
   const T* k = static_cast<const T*>(p.k) + base6(p.sk, pr);
   const T* v = static_cast<const T*>(p.v) + base6(p.sv, pr);
@@ -453,7 +440,7 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_bwd_dkdv_kernel(BwdPar
   float* lse_s = dOs + kTile * ldo;
   float* delta_s = lse_s + kTile;
   const int z = blockIdx.x, j0 = blockIdx.y * BN;
-  const Prob pr = decode(z, p.R, p.heads);
+  const masa::Problem pr = decode(z, p.R, p.heads);
   const T* q = static_cast<const T*>(p.q) + base6(p.sq, pr);
   const T* k = static_cast<const T*>(p.k) + base6(p.sk, pr);
   const T* v = static_cast<const T*>(p.v) + base6(p.sv, pr);

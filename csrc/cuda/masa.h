@@ -4,23 +4,24 @@
 // One launch computes one grid-attention pass over Z = B * heads * R independent problems,
 // each over the N = Y * X tokens of a Y x X grid, with logits
 //   scale * q_i . k_j + log_gamma[head] * (|y_i - y_j| + |x_i - x_j|).
-// Full form: R = 1, (Y, X) = (H, W); decomposed along W: R = H, (1, W); along H: R = W, (1, H).
-// Every tensor is addressed through element strides mapped onto (b, head, r, y, x, feature),
-// so permuted inputs and the H pass over the W pass's output are read in place.
+// The passes and the stride mapping are masa_geometry.h's (Axis::full, w, h). Every tensor
+// is addressed through element strides mapped onto (b, head, r, y, x, feature), so permuted
+// inputs and the H pass over the W pass's output are read in place.
 #pragma once
 
 #include <cstdint>
 
+#include "../common/masa_geometry.h"
+
 namespace vitattn_cuda {
+
+namespace masa = vitattn::masa;
 
 enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
-struct Strides6 {
-  long long b, h, r, y, x, f;
-};
-struct Strides5 {
-  long long b, h, r, y, x;
-};
+// element strides mapped onto (b, head, r, y, x[, feature]) by masa::map_strides
+using Strides6 = masa::Strides6;
+using Strides5 = masa::Strides5;
 
 struct FwdParams {
   const void* q;
