@@ -1,4 +1,13 @@
 // Torch-facing entry points of the MaSA CPU backend (implemented in masa.cpp).
+//
+// Registered as torch.ops.vitattn_C.masa_cpu_fwd / masa_cpu_bwd (the whole op, the
+// backend contract of PLAN.md):
+//   masa_cpu_fwd(q, k, v, log_gamma, scale, decomposed) -> (out, v_mid, lse_w, lse_h)
+//   masa_cpu_bwd(dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, scale, decomposed)
+//       -> (dq, dk, dv, dlog_gamma)
+// q, k (B, heads, H, W, d), v (B, heads, H, W, dv), any strides; log_gamma (heads,).
+// Full form: v_mid and lse_h are empty (0,) tensors and lse_w is the full grid's lse.
+// Outputs are contiguous in q's dtype; lse and dlog_gamma are fp32 (fp64 for fp64).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,22 +17,27 @@
 
 namespace vitattn {
 
-// axis: 0 = full form over the H x W grid, 1 = along W in every row, 2 = along H in every
-// column. q, k (B, heads, H, W, d), v (B, heads, H, W, dv), any strides; log_gamma (heads,).
-// Returns out (B, heads, H, W, dv) contiguous in q's dtype and lse (B, heads, H, W) in
-// float32 (float64 for float64 inputs).
-std::tuple<at::Tensor, at::Tensor> masa_cpu_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const at::Tensor& log_gamma,
-                                                double scale, int64_t axis);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masa_cpu_fwd_op(const at::Tensor& q, const at::Tensor& k,
+                                                                           const at::Tensor& v,
+                                                                           const at::Tensor& log_gamma, double scale,
+                                                                           bool decomposed);
 
-// Gradients of one masa_cpu_fwd pass: dq, dk, dv (contiguous, input dtype) and
-// dlog_gamma (heads,) in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masa_cpu_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masa_cpu_bwd_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& log_gamma, double scale,
-    int64_t axis);
+    const at::Tensor& log_gamma, const at::Tensor& out, const at::Tensor& v_mid, const at::Tensor& lse_w,
+    const at::Tensor& lse_h, double scale, bool decomposed);
 
-// "avx2" or "baseline": the kernel build this CPU runs.
+// One pass (axis 0 = full, 1 = w, 2 = h; masa_geometry.h) -> (out, lse): the pybind entry
+// that vitattn/_extension.py calls until the per-op backends call the whole op.
+std::tuple<at::Tensor, at::Tensor> masa_cpu_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& log_gamma, double scale, int64_t axis);
+
+// Gradients of one masa_cpu_fwd pass: dq, dk, dv (contiguous, input dtype), dlog_gamma.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masa_cpu_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& log_gamma, double scale, int64_t axis);
+
+// Instruction set of the kernel copy in use ("avx512", "avx2" or "default").
 std::string masa_cpu_isa();
 
 }  // namespace vitattn

@@ -1,76 +1,64 @@
-// MaSA CPU kernels: plain C++ (no torch headers), compiled once per instruction set.
+// MaSA CPU kernels: arguments shared by the torch side (masa.cpp, compiled once) and the
+// kernels (masa_kernels.cpp, compiled once per instruction set, see isa.h). Plain C++.
 //
-// The torch side (masa.cpp) packs every problem into contiguous buffers of the compute
-// type T (float for fp16/bf16/fp32 inputs, double for fp64) and calls the task ranges
-// below from at::parallel_for. A problem z is one grid-attention instance over the
-// N = Y * X tokens of a Y x X grid (full form: the H x W grid; decomposed: one row or
-// column). The buffers, per problem z:
-//   q    (Np, dp)          queries, pre-multiplied by scale, rows >= N and cols >= d zero
-//   k    (Np, dp)          keys, row-major (backward dq pass)
-//   kt   (nblk, d, BN)     keys transposed per key block (the S = Q K^T operand)
-//   v    (Np, dvp)         values, row-major (forward)
-//   vt   (nblk, dv, BN)    values transposed per key block (backward dP = dO V^T operand)
-//   dout (Np, dvp), lse (Np), delta (Np)
-// Np = nblk * BN, BN and the padded feature widths dp/dvp are multiples of the vector
-// width, so the inner loops have no tails. The decay log(gamma) * (|dy| + |dx|) is
-// computed from token coordinates on the fly: no N x N tensor exists, only BM x BN tiles.
+// The kernels read every input through its strides (any layout, no packing by the caller)
+// and write outputs through theirs. Work is split into tasks; masa.cpp runs the tasks on
+// at::parallel_for's threads, each thread with its own scratch slot. A task writes only its
+// own outputs (no atomics, no shared accumulator), so results do not depend on the threads.
 #pragma once
 
 #include <cstdint>
 
-namespace vitattn_cpu {
+#include "../common/masa_geometry.h"
 
-template <typename T>
-struct MasaArgs {
-  // geometry
-  int64_t Z = 0;      // problems (B * heads * R)
-  int64_t R = 1;      // problems per (batch, head): log_gamma index is (z / R) % heads
-  int64_t heads = 1;
-  int64_t N = 0, X = 1;  // real tokens per problem and grid width (Y = N / X)
-  int64_t Np = 0, BN = 0, nblk = 0;  // padded tokens, key block, number of key blocks
-  int64_t BM = 0, nmblk = 0;         // query block and number of query blocks (over N)
-  int64_t d = 0, dp = 0, dv = 0, dvp = 0;
-  const T* log_gamma = nullptr;  // (heads,)
-  const T* coord_y = nullptr;    // (Np,) token row, padded tokens get 0
-  const T* coord_x = nullptr;    // (Np,) token column
-  // inputs
-  const T* q = nullptr;
-  const T* k = nullptr;
-  const T* kt = nullptr;
-  const T* v = nullptr;
-  const T* vt = nullptr;
-  const T* dout = nullptr;
-  const T* lse_in = nullptr;
-  const T* delta = nullptr;
-  T scale = 1;  // applied to dq (q is already scaled)
-  // outputs (problem-major like the inputs)
-  T* out = nullptr;     // (Z, Np, dvp)
-  T* lse = nullptr;     // (Z, Np)
-  T* dq = nullptr;      // (Z, Np, dp)
-  T* dk = nullptr;      // (Z, Np, dp)
-  T* dv_out = nullptr;  // (Z, Np, dvp)
-  T* dlg = nullptr;     // (Z, nmblk) partial sums of dL/dlog_gamma, reduced by the caller
+namespace vitattn::cpu {
+
+// dtype of q, k, v, dout and of the outputs out, v_mid, dq, dk, dv. Compute is in fp32
+// (fp64 for f64): fp16 / bf16 values are converted on load and rounded on store.
+enum class MasaDtype : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+
+// What one call computes:
+//   full        the full form over the H x W grid (one pass, Axis::full)
+//   w, h        one pass of the decomposed form (out, lse of that pass only)
+//   decomposed  the w pass then the h pass, fused per (batch, head): the w pass's result
+//               v_mid is read back by the h pass while it is still in cache
+enum class MasaMode : int { full = 0, w = 1, h = 2, decomposed = 3 };
+
+// A (B, heads, H, W, F) tensor (or (B, heads, H, W) for a log-sum-exp: stride[4] unused).
+struct MasaTensor {
+  void* data = nullptr;
+  int64_t stride[5] = {0, 0, 0, 0, 0};
 };
 
-// Each function runs tasks [begin, end): forward and dq tasks are (z, query block),
-// task = z * nmblk + block; dk/dv tasks are (z, key block), task = z * nblk + block.
-#define VITATTN_CPU_DECLARE(NS)                                                   \
-  namespace NS {                                                                  \
-  void fwd_f32(const MasaArgs<float>& a, int64_t begin, int64_t end);             \
-  void fwd_f64(const MasaArgs<double>& a, int64_t begin, int64_t end);            \
-  void bwd_dkdv_f32(const MasaArgs<float>& a, int64_t begin, int64_t end);        \
-  void bwd_dkdv_f64(const MasaArgs<double>& a, int64_t begin, int64_t end);       \
-  void bwd_dq_f32(const MasaArgs<float>& a, int64_t begin, int64_t end);          \
-  void bwd_dq_f64(const MasaArgs<double>& a, int64_t begin, int64_t end);         \
-  }
+struct MasaArgs {
+  MasaDtype dtype = MasaDtype::f32;
+  MasaMode mode = MasaMode::full;
+  int64_t B = 0, heads = 0, H = 0, W = 0, d = 0, dv = 0;
+  double scale = 1.0;
+  const void* log_gamma = nullptr;  // (heads,) contiguous, fp32 (fp64 for f64)
+  // inputs: q, k (d features), v (dv features); backward also dout and the forward's
+  // results: out, lse (full form / single pass: that pass's; decomposed: out, lse_h) and,
+  // decomposed only, v_mid and lse_w
+  MasaTensor q, k, v, dout;
+  // forward outputs (backward inputs): out, lse as above; decomposed: v_mid, lse_w too.
+  // lse tensors are fp32 (fp64 for f64)
+  MasaTensor out, lse, v_mid, lse_w;
+  // backward outputs: grad_q, grad_k (d features), grad_v (dv features);
+  // dlog_gamma_parts gets one fp64 partial sum per task, reduced by the caller in task order
+  MasaTensor grad_q, grad_k, grad_v;
+  void* dlog_gamma_parts = nullptr;
+  // forward, full form: each problem's queries are split into this many tasks (>= 1); the
+  // result does not depend on it
+  int64_t query_splits = 1;
+  // scratch: slot s (one per thread) starts at scratch + s * scratch_slot_bytes
+  void* scratch = nullptr;
+  int64_t scratch_slot_bytes = 0;
+};
 
-VITATTN_CPU_DECLARE(base)
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VITATTN_CPU_HAVE_AVX2 1
-VITATTN_CPU_DECLARE(avx2)
-#endif
+// How a call is split: `tasks` tasks, each needing `scratch_bytes` of scratch.
+struct MasaPlan {
+  int64_t tasks = 0;
+  int64_t scratch_bytes = 0;
+};
 
-// Vector width (elements of T in one 32-byte vector): paddings must be multiples of it.
-constexpr int64_t kVecBytes = 32;
-
-}  // namespace vitattn_cpu
+}  // namespace vitattn::cpu
