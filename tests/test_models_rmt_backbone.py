@@ -6,6 +6,7 @@ detection resolution in bounded memory."""
 import inspect
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -297,3 +298,70 @@ def test_full_masa_stage_at_detection_resolution_in_bounded_memory(backend, mode
         with torch.no_grad():
             peak = cpu_alloc_peak_mib(lambda: stage.eval().forward_blocks(x))
     assert peak < dense_mib / 4, (peak, dense_mib)
+
+
+# ---------------------------------------------------------------- OpenMMLab registration and the FPN example
+
+
+def _fake_registry_modules(monkeypatch, names):
+    """Stand-ins for mmdet / mmseg registries: objects with register_module and module_dict."""
+    import types
+
+    class Registry:
+        def __init__(self):
+            self.module_dict = {}
+
+        def register_module(self, name=None, module=None):
+            self.module_dict[name] = module
+
+    regs = {}
+    for full in names:
+        mod_name, attr = full.rsplit(".", 1)
+        parts = mod_name.split(".")
+        for i in range(1, len(parts) + 1):
+            monkeypatch.setitem(sys.modules, ".".join(parts[:i]),
+                                sys.modules.get(".".join(parts[:i])) or types.ModuleType(".".join(parts[:i])))
+        regs[full] = Registry()
+        setattr(sys.modules[mod_name], attr, regs[full])
+    return regs
+
+
+def test_openmmlab_registration_and_init_cfg(monkeypatch, tmp_path):
+    import importlib
+
+    for m in ("mmdet", "mmseg", "mmdet.registry", "mmseg.registry", "mmdet.models", "mmdet.models.builder",
+              "mmseg.models", "mmseg.models.builder"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    regs = _fake_registry_modules(monkeypatch, ["mmdet.registry.MODELS", "mmseg.models.builder.BACKBONES"])
+    monkeypatch.delitem(sys.modules, "vitattn.models.openmmlab", raising=False)
+    omm = importlib.import_module("vitattn.models.openmmlab")
+    assert sorted(omm.REGISTERED) == ["mmdet.registry.MODELS", "mmseg.models.builder.BACKBONES"]
+    for reg in regs.values():
+        assert reg.module_dict["VitattnRMT"] is omm.VitattnRMT
+    # what a config's backbone=dict(type="VitattnRMT", ...) builds, and the runner's init_weights()
+    torch.manual_seed(8)
+    cls = randomized(rmt.VisRetNet(**tiny_cfg(), num_classes=4))
+    torch.save({"state_dict": cls.state_dict()}, tmp_path / "cls.pth")
+    bb = omm.VitattnRMT(**tiny_cfg(), init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "cls.pth")))
+    bb.init_weights()
+    assert all(torch.equal(v, cls.state_dict()[k]) for k, v in bb.state_dict().items() if not k.startswith("extra"))
+    with pytest.raises(ValueError, match="init_cfg"):
+        omm.VitattnRMT(**tiny_cfg(), init_cfg=dict(type="Kaiming"))
+
+
+def test_fpn_example_trains_on_an_odd_size():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fpn_detection.py")
+    spec = importlib.util.spec_from_file_location("fpn_detection_example", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    torch.manual_seed(9)
+    model = ex.SegmentationModel(rmt.RMT(**tiny_cfg(), attn_backend="torch"), num_classes=3, fpn_channels=8)
+    x = images(2, 61, 45).cpu()
+    pyramid = model.fpn(model.backbone(x))
+    assert [p.shape[-2:] for p in pyramid] == [(16, 12), (8, 6), (4, 3), (2, 2)]
+    logits = model.train()(x)
+    assert logits.shape == (2, 3, 61, 45)
+    torch.nn.functional.cross_entropy(logits, torch.randint(3, (2, 61, 45))).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
