@@ -356,3 +356,41 @@ def test_bad_input_names_the_argument():
     for exc, msg, fn in cases:
         with pytest.raises(exc, match=msg):
             fn()
+
+
+# ---------------------------------------------------------------- through the public op
+
+
+def test_public_op_backend_cpu_values_and_gradients():
+    from vitattn import explain, group_attention
+
+    for dtype, (B, H, N, d, dv, G, permuted) in ((torch.float64, SHAPES[3]), (torch.float32, SHAPES[1]),
+                                                 (torch.bfloat16, SHAPES[4])):
+        q, k, v = (t.requires_grad_(True) for t in make(B, H, N, d, dv, dtype, seed=N))
+        perm = make_perm(N, seed=1) if permuted else None
+        assert explain("group_attention", q, k, v, G, perm=perm).reasons()["cpu"] is None
+        out = group_attention(q, k, v, G, perm=perm, backend="cpu")
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        want, _, ref_grads = reference_all(q, k, v, G, perm, d ** -0.5, dout)
+        close(out, want, OUT_TOL[dtype], f"{dtype} out")
+        for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+            close(got, ref, GRAD_TOL[dtype], f"{dtype} {name}", scale_atol=True)
+        # "auto" picks a backend that can run (the C++ one unless measurements rank another first)
+        auto = group_attention(q, k, v, G, perm=perm)
+        close(auto, want, OUT_TOL[dtype], f"{dtype} auto")
+
+
+def test_public_op_cpu_custom_op_registration_and_empty_batch():
+    from vitattn import group_attention
+
+    q, k, v = (t.requires_grad_(True) for t in make(1, 2, 12, 16, 8, torch.float64, seed=6))
+    perm = make_perm(12, seed=3)
+    for p in (perm, None):
+        torch.library.opcheck(torch.ops.vitattn.group_attention_fwd.default, (q, k, v, p, 3, 0.25, "cpu"),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    e = torch.randn(0, 2, 12, 16, requires_grad=True)
+    out = group_attention(e, e, e, 3, backend="cpu")
+    assert out.shape == (0, 2, 12, 16)
+    (g,) = torch.autograd.grad(out.sum(), (e,))
+    assert g.shape == e.shape

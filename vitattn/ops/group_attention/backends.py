@@ -8,21 +8,22 @@ int64 or None:
 out, lse and the gradients are in the original token order; lse is in the accumulation
 dtype (float32, float64 for float64 inputs).
 
-"auto" order (lower rank first): triton (CUDA), torch (anywhere), overridden per shape
-class by measured.json (see vitattn/_dispatch.py).
+"auto" order (lower rank first): triton (CUDA), cpu (CPU), torch (anywhere), overridden
+per device type and shape class by measured.json, written from a benchmark run by
+`python benchmarks/bench_group_attention.py --update-ranking` (see vitattn/_dispatch.py).
 """
 
 from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ... import _dispatch as D
-from ... import _triton
+from ... import _extension, _triton
 from . import torch_impl
 
-NAMES = ("auto", "triton", "torch")
+NAMES = ("auto", "triton", "cpu", "torch")
 MAX_HEAD_DIM = 256
 
 
@@ -37,13 +38,50 @@ def _load_torch():
     return SimpleNamespace(fwd=torch_impl.group_attention_fwd, bwd=torch_impl.group_attention_bwd)
 
 
+def _triton_resources(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+    """The head dims, then on a GPU the kernels' shared memory against this GPU's limit and their
+    register budget (kernels/group_attention.py can_run; "auto" moves on, "triton" raises)."""
+    why = D.head_dims_check(MAX_HEAD_DIM)(ctx, auto)
+    if why is not None or ctx["device"].type != "cuda":
+        return why
+    tk, common = _triton.kernels("group_attention"), _triton.kernels("_common")
+    return tk.can_run(ctx["group_size"], ctx["d"], ctx["dv"], ctx["dtype"], common.smem_limit(ctx["device"]))
+
+
 def _load_triton():
     tk = _triton.kernels("group_attention")
     return SimpleNamespace(fwd=tk.group_attention_fwd, bwd=tk.group_attention_bwd)
 
 
+# ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/group_attention*)
+
+_CPU_OPS = ("group_attention_cpu_fwd", "group_attention_cpu_bwd")
+_cpu_missing: Optional[str] = None  # why the loaded vitattn._C lacks the kernels ("" once checked)
+
+
+def _cpu_kernels_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+    global _cpu_missing
+    if _cpu_missing is None:  # looked up once: an older build of vitattn._C does not have them
+        ops = _extension.ops()
+        _cpu_missing = "" if all(hasattr(ops, name) for name in _CPU_OPS) else (
+            "the loaded vitattn._C was built without the group attention CPU kernels; rebuild it "
+            "(`pip install --no-build-isolation -e .`)")
+    return _cpu_missing or None
+
+
+def _load_cpu():
+    ops = _extension.ops()
+    fwd, bwd = ops.group_attention_cpu_fwd, ops.group_attention_cpu_bwd
+    return SimpleNamespace(
+        fwd=lambda q, k, v, perm, groups, scale: fwd(q, k, v, perm, groups, float(scale)),
+        bwd=lambda dout, q, k, v, out, lse, perm, groups, scale: bwd(dout, q, k, v, out, lse, perm, groups,
+                                                                     float(scale)),
+    )
+
+
 BACKENDS = (
-    D.Backend("triton", 20, D.all_of(D.triton_check, D.head_dims_check(MAX_HEAD_DIM)), _load_triton),
+    D.Backend("triton", 20, D.all_of(D.triton_check, _triton_resources), _load_triton),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_kernels_check), _load_cpu),
     D.Backend("torch", 100, D.any_device, _load_torch),
 )
 
