@@ -301,6 +301,21 @@ def test_normalize_legacy_rows():
     assert n["fwd_bwd_ms"] is None and n["unavailable"] == {"fwd_bwd_ms": "no CPU backward", "peak_mib": "no CPU backward"}
 
 
+def test_one_benchmark_covering_several_ops():
+    rows = [dict(op=op, n=n, dtype="float32", method=m, fwd_ms=t * n, fwd_bwd_ms=2 * t * n)
+            for op in ("sinkhorn", "ot_attention") for n in (49, 196)
+            for m, t in (("reference eager", 3.0), ("vitattn:auto", 1.0 if op == "sinkhorn" else 2.0))]
+    report = bench.build_report({"sinkhorn": {"rows": rows, "error": None, "seconds": 1.0}},
+                                {"device_type": "cpu", "cpu_threads": "1"}, "cmd", True)
+    summary = {s["op"]: s for s in report["summary"]}
+    assert set(summary) == {"sinkhorn", "sinkhorn: ot_attention"}
+    assert summary["sinkhorn"]["vs_naive_fwd_ms"]["geomean"] == pytest.approx(3.0)
+    assert summary["sinkhorn: ot_attention"]["vs_naive_fwd_ms"]["geomean"] == pytest.approx(1.5)
+    panels = report["ops"]["sinkhorn"]["plot_data"]["time"]
+    assert sorted(p["title"] for p in panels) == ["ot_attention", "sinkhorn"]
+    assert "sinkhorn 3.00×/3.00×, sinkhorn: ot_attention 1.50×/1.50×" in bench.headline(report)
+
+
 # ---------------------------------------------------------------- the CPU peak-memory helper
 
 
@@ -325,6 +340,14 @@ def test_cpu_peak_memory_is_the_peak_not_the_sum():
         return torch.ones(2**20)  # 4 MiB, alive at the end
 
     assert 16 * 2**20 <= common.peak_allocated_bytes(fn, CPU) < 17 * 2**20
+
+
+def test_cpu_peak_memory_runs_the_call_on_one_thread():
+    # the profiler records the calling thread's allocations only: the call runs single-threaded
+    seen = []
+    torch.set_num_threads(2)
+    common.peak_allocated_bytes(lambda: seen.append(torch.get_num_threads()), CPU)
+    assert seen == [1] and torch.get_num_threads() == 2
 
 
 def test_cpu_peak_memory_keeps_profiler_noise_away(capfd):

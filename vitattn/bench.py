@@ -132,10 +132,13 @@ def normalize_row(op: str, row: Dict, defaults: Optional[Dict] = None) -> Dict:
 
 def shape_keys(rows: Sequence[Dict]) -> List[str]:
     """The keys that describe a row's shape (and setting: dtype, threads): every key but the
-    method/role ones and the metrics (float values or metric-like names), in first-seen order."""
-    keys: Dict[str, bool] = {}
+    method/role ones and the metrics (float values or metric-like names), in first-seen order;
+    "op" first when one benchmark's rows cover several ops."""
+    keys: Dict[str, bool] = {"op": len({r.get("op") for r in rows}) > 1}
     for r in rows:
         for k, v in r.items():
+            if k == "op":
+                continue
             if k in NOT_SHAPE or _METRIC_NAME.search(k) or isinstance(v, (float, dict, list)):
                 keys[k] = False
             else:
@@ -191,11 +194,12 @@ def summarize(op: str, comparisons: Sequence[Dict], device: str) -> List[Dict]:
     by_setting: Dict[Tuple, List[Dict]] = {}
     for c in comparisons:
         a = c["auto"]
-        by_setting.setdefault((a.get("threads"), a.get("dtype")), []).append(c)
+        by_setting.setdefault((a.get("op"), a.get("threads"), a.get("dtype")), []).append(c)
     out = []
-    for (threads, dtype), cs in by_setting.items():
+    for (row_op, threads, dtype), cs in by_setting.items():
         backends = list(dict.fromkeys(str(c["auto"].get("backend") or "not recorded") for c in cs))
-        row = {"op": op, "backend": ", ".join(backends), "device": device, "threads": threads, "dtype": dtype,
+        label = op if row_op in (None, op) else f"{op}: {row_op}"  # a benchmark that covers several ops
+        row = {"op": label, "backend": ", ".join(backends), "device": device, "threads": threads, "dtype": dtype,
                "shapes": len(cs), "stand_in": any(c["stand_in"] for c in cs)}
         for kind in ("vs_naive", "vs_peer"):
             for m in TIME_METRICS:
@@ -214,7 +218,7 @@ def _panel_keys(rows: Sequence[Dict]) -> List[str]:
     most one point per problem size: "form", dtype and threads when they vary, then (greedily)
     whichever other shape key removes the most collisions with the fewest panels."""
     keys = [k for k in shape_keys(rows) if k != "tokens"]
-    chosen = [k for k in ("form", "dtype", "threads") if k in keys and _varying(rows, [k])]
+    chosen = [k for k in ("op", "form", "dtype", "threads") if k in keys and _varying(rows, [k])]
 
     def collisions(ks):
         seen: Dict[Tuple, int] = {}
@@ -244,7 +248,7 @@ def _panel_keys(rows: Sequence[Dict]) -> List[str]:
 
 
 def _panel_title(keys: Sequence[str], values: Sequence[Any]) -> str:
-    parts = [str(v) if k in ("form", "shape", "dtype") else f"{k}={v}" for k, v in zip(keys, values)]
+    parts = [str(v) if k in ("op", "form", "shape", "dtype") else f"{k}={v}" for k, v in zip(keys, values)]
     parts = [p.replace("threads=", "threads ") for p in parts]
     return ", ".join(parts) or "all shapes"
 
@@ -505,7 +509,7 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def _range(stat: Dict) -> str:
     if not stat or not _is_num(stat.get("geomean")):
         return "—"
-    if stat["n"] == 1:
+    if stat["n"] == 1 or f"{stat['min']:.2f}" == f"{stat['max']:.2f}":
         return _ratio(stat["geomean"])
     return f"{_ratio(stat['geomean'])} ({stat['min']:.2f}–{stat['max']:.2f})"
 
@@ -678,7 +682,12 @@ def headline(report: Dict[str, Any]) -> str:
     parts = []
     for s in report["summary"]:
         a, b = s["vs_naive_fwd_ms"]["geomean"], s["vs_naive_fwd_bwd_ms"]["geomean"]
-        tag = f"{s['op']}" + (f"@{s['threads']}t" if sum(x["op"] == s["op"] for x in report["summary"]) > 1 else "")
+        same = [x for x in report["summary"] if x["op"] == s["op"]]
+        tag = s["op"]
+        if len({x["threads"] for x in same}) > 1:
+            tag += f"@{s['threads']}t"
+        if len({x["dtype"] for x in same}) > 1:
+            tag += f"/{s['dtype']}"
         parts.append(f"{tag} {_ratio(a)}/{_ratio(b)}")
     failed = [n for n, op in report["ops"].items() if op["error"]]
     text = ("vitattn auto vs naive, fwd/fwd+bwd (geomean): " + ", ".join(parts)) if parts else "no op timings"
@@ -954,9 +963,9 @@ def _run_all(modules: Dict[str, Any], quick: bool, device: torch.device, progres
         error = tb = None
         rows: List[Dict] = []
         try:
-            run = mod.run
-            kw = {"progress": progress.item} if "progress" in inspect.signature(run).parameters else {}
-            with captured_output(log, progress.item):
+            with captured_output(log, progress.item):  # imports too: their warnings are output as well
+                run = mod.run
+                kw = {"progress": progress.item} if "progress" in inspect.signature(run).parameters else {}
                 rows = list(run(quick=quick, device=device, **kw) or [])
         except Exception as exc:  # one broken benchmark must not hide the others; it is reported
             error, tb = f"{type(exc).__name__}: {exc}".strip()[:500], traceback.format_exc()
@@ -998,12 +1007,7 @@ def main(argv: Optional[Sequence[str]] = None, modules: Optional[Dict[str, Any]]
     t0 = time.perf_counter()
     env = environment(device)
     if modules is None:
-        modules = {}
-        for n in names:
-            try:
-                modules[n] = importlib.import_module(f"{__package__}.benchmarks.bench_{n}")
-            except Exception as exc:
-                modules[n] = _Broken(f"import failed: {type(exc).__name__}: {exc}")
+        modules = {n: _Lazy(f"{__package__}.benchmarks.bench_{n}") for n in names}
     else:
         modules = {n: modules[n] for n in names}
     sys.stderr.write(f"vitattn benchmarks on {device.type} ({', '.join(names)}); report in {out_dir}\n")
@@ -1027,14 +1031,16 @@ def main(argv: Optional[Sequence[str]] = None, modules: Optional[Dict[str, Any]]
     return 1 if any(r["error"] for r in results.values()) else 0
 
 
-class _Broken:
-    """A benchmark that could not be imported: running it raises the import error."""
+class _Lazy:
+    """A benchmark module imported when its run() is first asked for (inside the job's output
+    capture, so that what its import prints is captured too)."""
 
-    def __init__(self, error: str):
-        self.error = error
+    def __init__(self, module: str):
+        self.module = module
 
-    def run(self, quick, device):
-        raise ImportError(self.error)
+    @property
+    def run(self):
+        return importlib.import_module(self.module).run
 
 
 if __name__ == "__main__":
