@@ -39,7 +39,7 @@ PLOT_KINDS = ("time", "memory", "speedup")
 # keys that never describe the shape of a row
 NOT_SHAPE = {"op", "method", "role", "backend", "note", "unavailable", "failed"}
 _METRIC_NAME = re.compile(r"(_ms|_mib|_mb|_gb|gflops|flops|speedup|_s|_x|_frac|_fraction|_pct|_ratio|_bytes)$"
-                          r"|^(vs_|saved|peak|speedup)")
+                          r"|^(vs_|saved|peak|speedup|frac|gflops|flops|compile_)")
 
 
 # ============================================================ rows: the common schema
