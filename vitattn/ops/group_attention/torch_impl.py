@@ -1,11 +1,15 @@
-"""Memory-bounded PyTorch backend for group attention (the "torch" backend).
+"""PyTorch backend for group attention (the "torch" backend): dense math under a memory budget.
 
-The tokens are gathered once into permuted order (one copy of q, k, v, as SReT
-does), the Z = B * heads * groups problems of n = N / groups tokens are solved a
-chunk at a time so that the logits blocks fit VITATTN_DENSE_BUDGET_MB, and the
-results are scattered back into the original order. Forward returns per-token
-log-sum-exp statistics (original token order); backward recomputes the
-probabilities from them.
+The tokens are gathered once into permuted order (one copy of q, k, v, as SReT does) and the
+Z = B * heads * groups problems of n = N / groups tokens are solved with the same dense
+operations the official code uses -- one batched GEMM for the logits (the scale folded into
+it), one fused softmax, one batched GEMM for the output -- on as many whole problems at once
+as fit VITATTN_DENSE_BUDGET_MB (vitattn._tiles.problem_blocks; rows of one problem above
+it). The results are scattered back into the original order. The forward's per-token
+log-sum-exp (max + log of the row sum) comes from the softmax's own output at the row's
+maximum (p = 1 / rowsum there), not from a second exponential pass; the backward recomputes
+the probabilities with the same fused softmax (rows normalised by their sum: exact even where
+exp(s - lse) would lose precision at large logits) and uses softmax's fused backward.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import torch
 
 from ..._dtypes import acc_dtype
 from ..._tiles import problem_blocks
+
+# dense intermediates alive at once per block (logits, probabilities, their gradient, slack)
+_DENSE_TENSORS = 3
 
 
 def _gather(x: torch.Tensor, perm: Optional[torch.Tensor], groups: int) -> torch.Tensor:
@@ -37,6 +44,13 @@ def _scatter(xp: torch.Tensor, perm: Optional[torch.Tensor], shape) -> torch.Ten
     return out
 
 
+def _probabilities(qb: torch.Tensor, kb: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * qb kb^T) over the keys: one GEMM with the scale folded in, one softmax."""
+    s = torch.baddbmm(qb.new_empty(()).expand(qb.shape[0], qb.shape[1], kb.shape[1]), qb, kb.transpose(1, 2),
+                      beta=0.0, alpha=scale)
+    return torch.softmax(s, dim=-1), s
+
+
 def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scale: float):
     """-> out (B, heads, N, dv) in q.dtype, lse (B, heads, N) fp32/fp64, original token order."""
     acc = acc_dtype(q.dtype)
@@ -44,33 +58,46 @@ def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scal
     Z, n, _ = qp.shape
     out = torch.empty(Z, n, vp.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(Z, n, device=q.device, dtype=acc)
-    for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc):
-        s = torch.bmm(qp[z0:z1, m0:m1].to(acc), kp[z0:z1].to(acc).transpose(1, 2)) * scale
-        m = torch.logsumexp(s, dim=-1)
-        out[z0:z1, m0:m1] = torch.bmm(torch.exp(s - m[..., None]), vp[z0:z1].to(acc)).to(q.dtype)
-        lse[z0:z1, m0:m1] = m
+    for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc, _DENSE_TENSORS):
+        p, s = _probabilities(qp[z0:z1, m0:m1].to(acc), kp[z0:z1].to(acc), scale)
+        # at the row maximum p = exp(0) / rowsum, so lse = max + log(rowsum) = max - log(p there)
+        mx, at = s.max(dim=-1, keepdim=True)
+        del s
+        lse[z0:z1, m0:m1] = (mx - torch.log(p.gather(-1, at)))[..., 0]
+        ob = out[z0:z1, m0:m1]
+        if acc == q.dtype and ob.is_contiguous():
+            torch.bmm(p, vp[z0:z1], out=ob)
+        else:
+            ob.copy_(torch.bmm(p, vp[z0:z1].to(acc)))
     return _scatter(out, perm, q.shape), _scatter(lse[..., None], perm, q.shape)[..., 0]
 
 
 def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], groups: int, scale: float):
-    """Gradients (dq, dk, dv) of group_attention_fwd in the input dtypes."""
+    """Gradients (dq, dk, dv) of group_attention_fwd in the input dtypes (out and lse are not
+    needed: the probabilities are recomputed and softmax's backward forms rowsum(dP * P))."""
     acc = acc_dtype(q.dtype)
     qp, kp, vp, dop = (_gather(t, perm, groups) for t in (q, k, v, dout))
-    lsep = _gather(lse[..., None], perm, groups)[..., 0]
-    # delta_i = rowsum(dO_i * O_i) is per token, so it is formed before the gather
-    deltap = _gather((dout.to(acc) * out.to(acc)).sum(-1, keepdim=True), perm, groups)[..., 0]
     Z, n, _ = qp.shape
     dq = torch.empty(Z, n, q.shape[-1], device=q.device, dtype=acc)
-    dk = torch.zeros(Z, n, k.shape[-1], device=q.device, dtype=acc)
-    dv = torch.zeros(Z, n, v.shape[-1], device=q.device, dtype=acc)
-    for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc):
+    dk = torch.empty(Z, n, k.shape[-1], device=q.device, dtype=acc)
+    dv = torch.empty(Z, n, v.shape[-1], device=q.device, dtype=acc)
+    for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc, _DENSE_TENSORS):
         qb, kb, vb = qp[z0:z1, m0:m1].to(acc), kp[z0:z1].to(acc), vp[z0:z1].to(acc)
         dob = dop[z0:z1, m0:m1].to(acc)
-        s = torch.bmm(qb, kb.transpose(1, 2)) * scale
-        p = torch.exp(s - lsep[z0:z1, m0:m1, None].to(acc))
-        dv[z0:z1] += torch.bmm(p.transpose(1, 2), dob)
-        ds = p * (torch.bmm(dob, vb.transpose(1, 2)) - deltap[z0:z1, m0:m1, None])
-        dq[z0:z1, m0:m1] = scale * torch.bmm(ds, kb)
-        dk[z0:z1] += scale * torch.bmm(ds.transpose(1, 2), qb)
+        p, s = _probabilities(qb, kb, scale)
+        del s
+        whole = m0 == 0  # the first row block of these problems starts dk and dv
+        if whole:
+            torch.bmm(p.transpose(1, 2), dob, out=dv[z0:z1])
+        else:
+            dv[z0:z1].baddbmm_(p.transpose(1, 2), dob)
+        ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, acc)
+        del p
+        torch.bmm(ds, kb, out=dq[z0:z1, m0:m1])
+        dq[z0:z1, m0:m1].mul_(scale)
+        if whole:
+            torch.baddbmm(dk[z0:z1], ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dk[z0:z1])
+        else:
+            dk[z0:z1].baddbmm_(ds.transpose(1, 2), qb, alpha=scale)
     return (_scatter(dq, perm, q.shape).to(q.dtype), _scatter(dk, perm, q.shape).to(k.dtype),
             _scatter(dv, perm, q.shape).to(v.dtype))
