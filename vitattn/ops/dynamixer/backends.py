@@ -1,14 +1,19 @@
 """DynaMixer's backends: for each, the can-run check, the static rank and the implementation.
 
-Every implementation provides the mixing part on 5-D x (N0, N1, N2, L, C) of any strides,
-given the compressed R (N0, N1, N2, L, S*d) (laid out by torch_impl.empty_tokenwise):
-  mix_fwd(x, r, wg, bg, S) -> (y like x, lse (N0, N1, N2, S, L) in the accumulation dtype)
-  mix_bwd(dy, x, r, wg, bg, lse, S) -> (dx_mix, dR, dW_g, db_g)
-The token-wise compress GEMMs around it are shared (torch_impl.compress_fwd / compress_bwd,
-called by op.py).
+An implementation provides either the mixing part or the whole op, on 5-D x (N0, N1, N2, L, C)
+of any strides with R (N0, N1, N2, L, S*d) the compressed x (laid out by
+torch_impl.empty_tokenwise, as y and dx are):
+  mixing part (triton, torch; op.py runs the token-wise compress GEMMs around it,
+  torch_impl.compress_fwd / compress_bwd):
+    mix_fwd(x, r, wg, bg, S) -> (y like x, lse (N0, N1, N2, S, L) in the accumulation dtype)
+    mix_bwd(dy, x, r, wg, bg, lse, S) -> (dx_mix, dR, dW_g, db_g)
+  whole op (cpu: compress fused with the mixing, x read once per pass):
+    fwd(x, wc, bc, wg, bg, S) -> (y, r, lse)
+    bwd(dy, x, r, wc, wg, bg, lse, S, need_compress_bias) -> (dx, dW_c, db_c or None, dW_g, db_g or None)
+  weight gradients in the accumulation dtype (float32, float64 for float64 inputs).
 
-"auto" order (lower rank first): triton (CUDA), torch (anywhere), overridden per shape
-class by measured.json (see vitattn/_dispatch.py).
+"auto" order (lower rank first): triton (CUDA), cpu (CPU), torch (anywhere), overridden per
+shape class by measured.json (see vitattn/_dispatch.py).
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 from ... import _dispatch as D
-from ... import _triton
+from ... import _extension, _triton
 from . import torch_impl
 
-NAMES = ("auto", "triton", "torch")
+NAMES = ("auto", "triton", "cpu", "torch")
 
 # limits of the Triton kernels: a program keeps a (rows, L, C/S) block of x and a
 # (rows, L, 16) block of logits in registers, and a full generate row of length L*d
@@ -59,8 +64,47 @@ def _load_triton():
     return SimpleNamespace(mix_fwd=mix_fwd, mix_bwd=mix_bwd)
 
 
+# ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/dynamixer*)
+
+CPU_DTYPES = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16")
+_CPU_OPS = ("dynamixer_cpu_fwd", "dynamixer_cpu_bwd")
+_cpu_missing: Optional[str] = None  # why the loaded vitattn._C lacks the kernels ("" once checked)
+
+
+def _cpu_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+    global _cpu_missing
+    if str(ctx["dtype"]) not in CPU_DTYPES:
+        return f"the C++ CPU kernels support float32, float64, float16 and bfloat16, got {ctx['dtype']}"
+    if _cpu_missing is None:  # looked up once: an older build of vitattn._C does not have them
+        ops = _extension.ops()
+        _cpu_missing = "" if all(hasattr(ops, name) for name in _CPU_OPS) else (
+            "the loaded vitattn._C was built without the DynaMixer CPU kernels; rebuild it "
+            "(`pip install --no-build-isolation -e .`)")
+    return _cpu_missing or None
+
+
+def _load_cpu():
+    ops = _extension.ops()
+
+    # the kernels write y, r and dx into buffers laid out like x (the fake functions' layout)
+    def fwd(x, wc, bc, wg, bg, S):
+        y = torch_impl.empty_tokenwise(x, x.shape[-1], x.dtype)
+        r = torch_impl.empty_tokenwise(x, wc.shape[0], x.dtype)
+        lse = ops.dynamixer_cpu_fwd(x, wc, bc, wg, bg, S, y, r)
+        return y, r, lse
+
+    # the kernels recompute the softmax from r (bitwise the forward's); lse is not needed
+    def bwd(dy, x, r, wc, wg, bg, lse, S, need_compress_bias):
+        dx = torch_impl.empty_tokenwise(x, x.shape[-1], x.dtype)
+        dwc, dbc, dwg, dbg = ops.dynamixer_cpu_bwd(dy, x, r, wc, wg, bg, S, need_compress_bias, dx)
+        return dx, dwc, dbc if need_compress_bias else None, dwg, dbg if bg is not None else None
+
+    return SimpleNamespace(fwd=fwd, bwd=bwd)
+
+
 BACKENDS = (
     D.Backend("triton", 20, D.all_of(D.triton_check, _triton_limits), _load_triton),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_check), _load_cpu),
     D.Backend("torch", 100, D.any_device,
               lambda: SimpleNamespace(mix_fwd=torch_impl.mix_fwd, mix_bwd=torch_impl.mix_bwd)),
 )

@@ -40,8 +40,11 @@ def _fwd_shapes(x, compress_weight, segments):
 def _dynamixer_fwd(x, compress_weight, compress_bias, generate_weight, generate_bias, segments, backend):
     if x.numel() == 0:  # an empty batch of rows
         return tuple(t.zero_() for t in _fwd_shapes(x, compress_weight, segments))
+    impl = dispatcher.impl(backend)
+    if hasattr(impl, "fwd"):  # the whole op in the backend, compress included (backends.py)
+        return impl.fwd(x, compress_weight, compress_bias, generate_weight, generate_bias, segments)
     r = _tb.compress_fwd(x, compress_weight, compress_bias)
-    y, lse = dispatcher.impl(backend).mix_fwd(x, r, generate_weight, generate_bias, segments)
+    y, lse = impl.mix_fwd(x, r, generate_weight, generate_bias, segments)
     return y, r, lse
 
 
@@ -51,8 +54,13 @@ def _dynamixer_bwd(dy, x, compress_weight, generate_weight, generate_bias, r, ls
         dbc = compress_weight.new_zeros((compress_weight.shape[0],)) if need_compress_bias else _empty(x)
         dbg = _empty(x) if generate_bias is None else torch.zeros_like(generate_bias)
         return (torch.zeros_like(x), torch.zeros_like(compress_weight), dbc, torch.zeros_like(generate_weight), dbg)
-    dxm, dr, dwg, dbg = dispatcher.impl(backend).mix_bwd(dy, x, r, generate_weight, generate_bias, lse, segments)
-    dx, dwc, dbc = _tb.compress_bwd(x, dxm, dr, compress_weight, need_compress_bias)
+    impl = dispatcher.impl(backend)
+    if hasattr(impl, "bwd"):
+        dx, dwc, dbc, dwg, dbg = impl.bwd(dy, x, r, compress_weight, generate_weight, generate_bias, lse, segments,
+                                          need_compress_bias)
+    else:
+        dxm, dr, dwg, dbg = impl.mix_bwd(dy, x, r, generate_weight, generate_bias, lse, segments)
+        dx, dwc, dbc = _tb.compress_bwd(x, dxm, dr, compress_weight, need_compress_bias)
     dbc = _empty(x) if dbc is None else dbc.to(compress_weight.dtype)
     dbg = _empty(x) if generate_bias is None else dbg.to(generate_bias.dtype)
     return dx, dwc.to(compress_weight.dtype), dbc, dwg.to(generate_weight.dtype), dbg
@@ -152,7 +160,7 @@ def dynamixer(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor
     Per row: R = x W_c^T + b_c, reshaped to (S, L*d) with index i*d + k; Z = R W_g^T + b_g
     reshaped to (S, L, L) [i, j]; P = softmax over i; ``y[j, s*C/S + c] = sum_i x[i, s*C/S + c] * P[s, i, j]``.
 
-    backend: "auto", "triton" or "torch". Under autocast the op runs in the autocast dtype.
+    backend: "auto", "triton", "cpu" or "torch". Under autocast the op runs in the autocast dtype.
     Returns (..., L, C) in x's dtype, laid out like x when x is a permuted dense tensor.
     """
     # autocast first: under autocast x (from an autocast linear) and the fp32 weights differ in dtype
