@@ -11,6 +11,8 @@ from torch import Tensor
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
 from .._library import LIB
+from .._onnx import exporting as _onnx_exporting
+from . import onnx_impl
 from . import torch_impl as _tb
 from .backends import dispatcher
 
@@ -166,6 +168,8 @@ def dynamixer(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor
     # autocast first: under autocast x (from an autocast linear) and the fp32 weights differ in dtype
     x_c, wc, bc, wg, bg = autocast_inputs(x, compress_weight, compress_bias, generate_weight, generate_bias)
     L, C, S, d = _validate(x_c, wc, bc, wg, bg, segments)
+    if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
+        return onnx_impl.dynamixer(x_c, wc, bc, wg, bg, S)
     name = dispatcher.choose(backend, _context(x_c, L, C, S, d), OP)
     y = torch.ops.vitattn.dynamixer_fwd(_to5d(x_c), wc, bc, wg, bg, S, name)[0]
     return y.reshape(x.shape)

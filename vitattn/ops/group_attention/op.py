@@ -11,6 +11,8 @@ from torch import Tensor
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
 from .._library import LIB
+from .._onnx import exporting as _onnx_exporting
+from . import onnx_impl
 from .backends import dispatcher
 
 OP = "group_attention"
@@ -183,6 +185,8 @@ def group_attention(q: Tensor, k: Tensor, v: Tensor, groups: int, *, perm: Optio
     """
     q, k, v = autocast_inputs(q, k, v)
     groups, perm, scale = _validate(q, k, v, groups, perm, scale)
+    if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
+        return onnx_impl.group_attention(q, k, v, perm, groups, scale)
     name = dispatcher.choose(backend, _context(q, v, groups, perm), OP)
     return torch.ops.vitattn.group_attention_fwd(q, k, v, perm, groups, scale, name)[0]
 

@@ -18,6 +18,8 @@ from torch import Tensor
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
 from .._library import LIB
+from .._onnx import exporting as _onnx_exporting
+from . import onnx_impl
 from .backends import dispatcher
 
 OP = "masa"
@@ -153,6 +155,8 @@ def masa(q: Tensor, k: Tensor, v: Tensor, gamma, *, decomposed: bool = False,
     _validate(q, k, v, decomposed)
     scale = V.scale_arg(OP, scale, q.shape[-1])
     log_gamma = _log_gamma(gamma, q.shape[1], q)
+    if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
+        return onnx_impl.masa(q, k, v, log_gamma, scale, decomposed)
     name = dispatcher.choose(backend, _context(q, v, decomposed), OP)
     return torch.ops.vitattn.masa_fwd(q, k, v, log_gamma, scale, decomposed, name)[0]
 

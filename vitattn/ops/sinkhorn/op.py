@@ -21,6 +21,8 @@ from torch import Tensor
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
 from .._library import LIB
+from .._onnx import exporting as _onnx_exporting
+from . import onnx_impl
 from .backends import dispatcher
 
 OP = "sinkhorn"
@@ -260,6 +262,8 @@ def sinkhorn(scores: Tensor, *, eps: float = 0.1, iters: int = 10, a: Optional[T
     batch = tuple(batch)
     la = _marginal(OP, "a", a, batch, n, scores)
     lb = _marginal(OP, "b", b, batch, m, scores)
+    if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
+        return onnx_impl.sinkhorn(scores.reshape(-1, n, m), la, lb, eps, iters).reshape(scores.shape)
     name = dispatcher.choose(backend, _sk_context(scores), OP)
     P = torch.ops.vitattn.sinkhorn_fwd(scores.reshape(-1, n, m), la, lb, eps, iters, name)[0]
     return P.reshape(scores.shape)
@@ -269,6 +273,8 @@ def _ot(op: str, attention: bool, x, ref, v, eps, iters, pos_filter, backend) ->
     x, ref, v = autocast_inputs(x, ref, v)
     eps, iters, filt = _validate_ot(op, x, ref, v, pos_filter, eps, iters)
     v = x if v is None else v
+    if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
+        return onnx_impl.ot(x, ref, v, filt, eps, iters, attention)
     name = dispatcher.choose(backend, _ot_context(op, x, ref, v), op)
     return torch.ops.vitattn.sinkhorn_ot_fwd(x, ref, v, filt, eps, iters, attention, name)[0]
 
