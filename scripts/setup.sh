@@ -16,6 +16,11 @@ $PY -c "import triton" 2>/dev/null || need+=("triton==3.9.0")
 for m in numpy pytest hypothesis ninja pybind11 matplotlib; do
   $PY -c "import $m" 2>/dev/null || need+=("$m")
 done
+# ONNX export (tests/test_onnx.py, benchmarks/bench_onnx.py, pyproject's "onnx" extra), pinned to
+# the tested versions; none of them pulls torch
+$PY -c "import onnx" 2>/dev/null || need+=("onnx==1.23.2")
+$PY -c "import onnxscript" 2>/dev/null || need+=("onnxscript==0.7.2")
+$PY -c "import onnxruntime" 2>/dev/null || need+=("onnxruntime==1.32.0")
 if [ ${#need[@]} -gt 0 ]; then
   $PY -m pip install -q "${need[@]}"
 fi
