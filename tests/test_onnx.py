@@ -38,9 +38,9 @@ from _models_util import jitter_parameters, one_thread, randomize_batchnorm  # n
 TOL = 1e-4  # relative error (max |ort - torch| / max |torch|), fp32
 
 
-def export(module: nn.Module, args) -> onnx.ModelProto:
-    """The user's call: torch.onnx.export(module, args, dynamo=True), nothing else."""
-    return torch.onnx.export(module, tuple(args), dynamo=True, verbose=False).model_proto
+def export(module: nn.Module, args, **kw) -> onnx.ModelProto:
+    """The user's call: torch.onnx.export(module, args, dynamo=True) (kw: dynamic_shapes)."""
+    return torch.onnx.export(module, tuple(args), dynamo=True, verbose=False, **kw).model_proto
 
 
 def session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -76,10 +76,10 @@ def standard_ops_only(proto: onnx.ModelProto) -> set:
 # ---------------------------------------------------------------- every op
 
 
-def _masa_args(g, decomposed):
+def _masa_args(g, B):
     # (B, H, W, heads, d) projections permuted to (B, heads, H, W, d) inside the module: strided views
-    q, k = (torch.randn(2, 5, 7, 3, 8, generator=g) for _ in range(2))
-    v = torch.randn(2, 5, 7, 3, 6, generator=g)
+    q, k = (torch.randn(B, 5, 7, 3, 8, generator=g) for _ in range(2))
+    v = torch.randn(B, 5, 7, 3, 6, generator=g)
     gamma = torch.rand(3, generator=g) * 0.5 + 0.45  # per-head decays in (0, 1], an input of the graph
     return (q, k, v, gamma)
 
@@ -91,8 +91,8 @@ def _masa(decomposed):
     return f
 
 
-def _ot_args(g):
-    return (torch.randn(2, 3, 11, 4, generator=g), torch.randn(3, 5, 4, generator=g), torch.randn(2, 3, 11, 6, generator=g))
+def _qkv(g, B, N):
+    return tuple(torch.randn(B, 3, N, 8 if i < 2 else 5, generator=g) for i in range(3))
 
 
 FILTER_1D = vitattn.gaussian_filter_1d(11, 5, sigma=0.3)
@@ -100,34 +100,36 @@ FILTER_2D = vitattn.gaussian_filter_2d(3, 3, 4, sigma=0.5)
 L, C, SEG, DC = 6, 8, 2, 3  # dynamixer: tokens per row, channels, segments, compressed dim per segment
 
 OPS = {
-    # name: (inputs from a generator, function of the inputs)
-    "masa_full": (lambda g: _masa_args(g, False), _masa(False)),
-    "masa_decomposed": (lambda g: _masa_args(g, True), _masa(True)),
-    "sinkhorn": (lambda g: (torch.randn(2, 3, 6, 7, generator=g), torch.rand(2, 3, 6, generator=g) + 0.5),
-                 lambda s, a: vitattn.sinkhorn(s, eps=0.3, iters=3, a=a)),
-    "ot_aggregate": (_ot_args, lambda x, ref, v: vitattn.ot_aggregate(x, ref, v, eps=0.5, iters=3, pos_filter=FILTER_1D)),
-    "ot_attention": (lambda g: (torch.randn(2, 2, 9, 4, generator=g), torch.randn(2, 4, 4, generator=g)),
-                     lambda x, ref: vitattn.ot_attention(x, ref, eps=0.5, iters=2, pos_filter=FILTER_2D)),
-    "group_attention": (lambda g: tuple(torch.randn(2, 3, 12, 8 if i < 2 else 5, generator=g) for i in range(3)),
-                        lambda q, k, v: vitattn.group_attention(q, k, v, 3)),
+    # name: (inputs from a generator and a batch size, function of the inputs, the inputs with a batch dim 0)
+    "masa_full": (_masa_args, _masa(False), (0, 1, 2)),
+    "masa_decomposed": (_masa_args, _masa(True), (0, 1, 2)),
+    "sinkhorn": (lambda g, B: (torch.randn(B, 3, 6, 7, generator=g), torch.rand(B, 3, 6, generator=g) + 0.5),
+                 lambda s, a: vitattn.sinkhorn(s, eps=0.3, iters=3, a=a), (0, 1)),
+    "ot_aggregate": (lambda g, B: (torch.randn(B, 3, 11, 4, generator=g), torch.randn(3, 5, 4, generator=g),
+                                   torch.randn(B, 3, 11, 6, generator=g)),
+                     lambda x, ref, v: vitattn.ot_aggregate(x, ref, v, eps=0.5, iters=3, pos_filter=FILTER_1D), (0, 2)),
+    "ot_attention": (lambda g, B: (torch.randn(B, 2, 9, 4, generator=g), torch.randn(2, 4, 4, generator=g)),
+                     lambda x, ref: vitattn.ot_attention(x, ref, eps=0.5, iters=2, pos_filter=FILTER_2D), (0,)),
+    "group_attention": (lambda g, B: _qkv(g, B, 12), lambda q, k, v: vitattn.group_attention(q, k, v, 3), (0, 1, 2)),
     # the permutation is an input of the graph here (in SReT it is a buffer, a constant); made by
     # random_permutation, so it is known valid and its value check (data-dependent) is not traced
-    "group_attention_perm": (lambda g: tuple(torch.randn(2, 3, 12, 8 if i < 2 else 5, generator=g) for i in range(3))
-                             + (vitattn.random_permutation(12, generator=g),),
-                             lambda q, k, v, perm: vitattn.group_attention(q, k, v, 4, perm=perm, scale=0.3)),
+    "group_attention_perm": (lambda g, B: _qkv(g, B, 12) + (vitattn.random_permutation(12, generator=g),),
+                             lambda q, k, v, perm: vitattn.group_attention(q, k, v, 4, perm=perm, scale=0.3),
+                             (0, 1, 2)),
     # x (B, W, H, C) transposed to mix along H, as DynaMixer's column pass does
-    "dynamixer": (lambda g: (torch.randn(2, L, 4, C, generator=g), torch.randn(SEG * DC, C, generator=g) * 0.3,
-                             torch.randn(SEG * DC, generator=g), torch.randn(L * L, L * DC, generator=g) * 0.3,
-                             torch.randn(L * L, generator=g)),
-                  lambda x, wc, bc, wg, bg: vitattn.dynamixer(x.transpose(1, 2), wc, bc, wg, bg, SEG)),
-    "dynamixer_no_bias": (lambda g: (torch.randn(3, L, C, generator=g), torch.randn(SEG * DC, C, generator=g) * 0.3,
-                                     torch.randn(L * L, L * DC, generator=g) * 0.3),
-                          lambda x, wc, wg: vitattn.dynamixer(x, wc, None, wg, None, SEG)),
+    "dynamixer": (lambda g, B: (torch.randn(B, L, 4, C, generator=g), torch.randn(SEG * DC, C, generator=g) * 0.3,
+                                torch.randn(SEG * DC, generator=g), torch.randn(L * L, L * DC, generator=g) * 0.3,
+                                torch.randn(L * L, generator=g)),
+                  lambda x, wc, bc, wg, bg: vitattn.dynamixer(x.transpose(1, 2), wc, bc, wg, bg, SEG), (0,)),
+    "dynamixer_no_bias": (lambda g, B: (torch.randn(B, L, C, generator=g), torch.randn(SEG * DC, C, generator=g) * 0.3,
+                                        torch.randn(L * L, L * DC, generator=g) * 0.3),
+                          lambda x, wc, wg: vitattn.dynamixer(x, wc, None, wg, None, SEG), (0,)),
 }
 
 
 class AllOps(nn.Module):
-    """Every case of OPS side by side: one export for all (each export has a fixed cost of seconds)."""
+    """Every case of a table like OPS side by side: one export for all (each export costs
+    seconds of fixed work)."""
 
     def __init__(self, cases, counts, record=None):
         super().__init__()
@@ -137,46 +139,50 @@ class AllOps(nn.Module):
         if self.record is not None:
             self.record.append(_onnx.exporting())
         outs, i = [], 0
-        for name, (make, fn) in self.cases.items():
+        for name, case in self.cases.items():
             n = self.counts[name]
-            outs.append(fn(*flat_args[i:i + n]))
+            outs.append(case[1](*flat_args[i:i + n]))
             i += n
         return tuple(outs)
 
 
-def _inputs(cases, seed):
-    """({case: number of inputs}, every case's inputs in one flat list)."""
+def _inputs(cases, seed, B=2):
+    """({case: number of inputs}, every case's inputs in one flat list, whether each has a batch dim)."""
     g = torch.Generator().manual_seed(seed)
-    per_case = {name: make(g) for name, (make, _) in cases.items()}
-    return {n: len(a) for n, a in per_case.items()}, [t for a in per_case.values() for t in a]
+    per_case = {name: case[0](g, B) for name, case in cases.items()}
+    batched = [i in case[2] for name, case in cases.items() for i in range(len(per_case[name]))]
+    return {n: len(a) for n, a in per_case.items()}, [t for a in per_case.values() for t in a], batched
 
 
 @pytest.fixture(scope="module")
 def ops_exported():
+    """Every op in one export, with a dynamic batch dimension (exported at batch 2)."""
     seen = []
-    counts, args = _inputs(OPS, 0)
+    counts, args, batched = _inputs(OPS, 0)
     module = AllOps(OPS, counts, seen).eval()
-    proto = export(module, args)
-    return module, proto, session(proto), args, seen
+    batch = torch.export.Dim("batch")
+    proto = export(module, args, dynamic_shapes=(tuple({0: batch} if b else None for b in batched),))
+    return module, proto, session(proto), seen
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_every_op_exports_and_runs_in_onnxruntime(ops_exported, name):
-    module, proto, sess, args, _ = ops_exported
+    module, proto, sess, _ = ops_exported
     standard_ops_only(proto)
     i = list(OPS).index(name)
     module.record = None
-    for seed in (0, 1):  # the export inputs, then new values through the same graph
-        counts, x = _inputs(OPS, seed)
+    # the export inputs, new values through the same graph, and another batch size
+    for seed, B in ((0, 2), (1, 2), (2, 3)):
+        counts, x, _ = _inputs(OPS, seed, B)
         assert counts == module.counts
         got = run(sess, x)[i]
         with torch.no_grad():
             want = module(*x)[i]
-        assert rel_err(got, want) <= TOL, (name, seed, rel_err(got, want))
+        assert rel_err(got, want) <= TOL, (name, seed, B, rel_err(got, want))
 
 
 def test_export_branch_ran_only_while_exporting(ops_exported):
-    _, _, _, _, seen = ops_exported
+    _, _, _, seen = ops_exported
     assert seen and all(seen)  # every trace of the module saw the flag
     assert not _onnx.exporting()
 
@@ -185,7 +191,7 @@ def test_torchscript_exporter_too():
     """The legacy exporter (dynamo=False) traces the same decompositions."""
     import io
 
-    counts, args = _inputs(OPS, 2)
+    counts, args, _ = _inputs(OPS, 2)
     module = AllOps(OPS, counts).eval()
     buf = io.BytesIO()
     import warnings
@@ -218,15 +224,15 @@ def _largest_intermediate(proto: onnx.ModelProto) -> int:
 # a 6 x 4 grid (N = 24 tokens), 2 heads; at the test's budget (401 fp32 elements per block) the
 # dense forms (2 x 24 x 24 = 1152 logits) are split into 2-3 blocks each
 BLOCKED = {
-    "masa_full": (lambda g: tuple(torch.randn(1, 2, 6, 4, 8, generator=g) for _ in range(3)),
-                  lambda q, k, v: vitattn.masa(q, k, v, 0.9)),
-    "masa_decomposed": (lambda g: tuple(torch.randn(1, 2, 6, 4, 8, generator=g) for _ in range(3)),
-                        lambda q, k, v: vitattn.masa(q, k, v, 0.9, decomposed=True)),
-    "group_attention": (lambda g: tuple(torch.randn(1, 2, 24, 8, generator=g) for _ in range(3))
+    "masa_full": (lambda g, B: tuple(torch.randn(B, 2, 6, 4, 8, generator=g) for _ in range(3)),
+                  lambda q, k, v: vitattn.masa(q, k, v, 0.9), (0, 1, 2)),
+    "masa_decomposed": (lambda g, B: tuple(torch.randn(B, 2, 6, 4, 8, generator=g) for _ in range(3)),
+                        lambda q, k, v: vitattn.masa(q, k, v, 0.9, decomposed=True), (0, 1, 2)),
+    "group_attention": (lambda g, B: tuple(torch.randn(B, 2, 24, 8, generator=g) for _ in range(3))
                         + (vitattn.random_permutation(24, generator=g),),
-                        lambda q, k, v, perm: vitattn.group_attention(q, k, v, 1, perm=perm)),
-    "ot_attention": (lambda g: (torch.randn(1, 4, 24, 8, generator=g), torch.randn(4, 5, 8, generator=g)),
-                     lambda x, ref: vitattn.ot_attention(x, ref, iters=2)),
+                        lambda q, k, v, perm: vitattn.group_attention(q, k, v, 1, perm=perm), (0, 1, 2)),
+    "ot_attention": (lambda g, B: (torch.randn(B, 4, 24, 8, generator=g), torch.randn(4, 5, 8, generator=g)),
+                     lambda x, ref: vitattn.ot_attention(x, ref, iters=2), (0,)),
 }
 
 
@@ -234,7 +240,7 @@ def test_blocked_export_bounds_every_intermediate(monkeypatch):
     monkeypatch.setenv("VITATTN_DENSE_BUDGET_MB", "0.0046")
     block = dense_elems(torch.float32, 3)
     assert block == 401
-    counts, args = _inputs(BLOCKED, 3)
+    counts, args, _ = _inputs(BLOCKED, 3, B=1)
     module = AllOps(BLOCKED, counts).eval()
     proto = export(module, args)
     got = run(session(proto), args)
@@ -369,7 +375,7 @@ def _op_targets(graph) -> set:
 def test_plain_torch_export_keeps_every_custom_op(ops_exported):
     """After an ONNX export in this process (the fixture), torch.export still records each
     op as its vitattn custom op, not the decomposition."""
-    counts, args = _inputs(OPS, 0)
+    counts, args, _ = _inputs(OPS, 0)
     module = AllOps(OPS, counts).eval()
     ep = torch.export.export(module, tuple(args))
     targets = _op_targets(ep.graph)
