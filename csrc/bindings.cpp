@@ -3,7 +3,6 @@
 #include <torch/extension.h>
 
 #include "cpu/isa.h"
-#include "cpu/masa.h"
 #if defined(VITATTN_WITH_CUDA)
 #include "cuda/masa_torch.h"
 #endif
@@ -15,12 +14,7 @@ VITATTN_CPU_DECLARE(int64_t, float_lanes, ())
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vitattn compiled kernels (C++ CPU and CUDA)";
   // the kernels never touch Python objects: let other threads run meanwhile
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("masa_cpu_fwd", &vitattn::masa_cpu_fwd, "MaSA grid-attention pass, forward (CPU)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("log_gamma"), py::arg("scale"), py::arg("axis"), nogil);
-  m.def("masa_cpu_bwd", &vitattn::masa_cpu_bwd, "MaSA grid-attention pass, backward (CPU)", py::arg("dout"),
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("log_gamma"),
-        py::arg("scale"), py::arg("axis"), nogil);
+  [[maybe_unused]] const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def(
       "cpu_isa",
       [] {
@@ -30,7 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                (vitattn::cpu::cpu_has_avx512_bf16() ? ", avx512-bf16" : "") + ")";
       },
       "instruction set the CPU kernels run with on this machine (csrc/cpu/isa.h)");
-  m.def("masa_cpu_isa", &vitattn::masa_cpu_isa, "instruction set of the CPU kernels in use");
 #if defined(VITATTN_WITH_CUDA)
   m.attr("with_cuda") = true;
   m.def("masa_cuda_fwd", &vitattn::masa_cuda_fwd, "MaSA grid-attention pass, forward (CUDA)", py::arg("q"),

@@ -16,11 +16,24 @@ from vitattn import reference
 from vitattn._dispatch import BackendUnavailableError
 
 import vitattn._extension as ext
-from vitattn.ops.masa import backends as masa_backends, torch_impl
+from vitattn.ops.masa import torch_impl
 
 from _util import assert_close, noncontiguous
 
-_cuda = masa_backends._CppPasses("cuda")
+
+class _CudaPasses:
+    """The CUDA kernels' one-pass entries (vitattn._C pybind; axis 0 full, 1 along W, 2 along H)."""
+
+    _AXIS = {None: 0, "w": 1, "h": 2}
+
+    def pass_fwd(self, q, k, v, log_gamma, scale, axis):
+        return ext.C.masa_cuda_fwd(q, k, v, log_gamma, float(scale), self._AXIS[axis])
+
+    def pass_bwd(self, dout, q, k, v, out, lse, log_gamma, scale, axis):
+        return ext.C.masa_cuda_bwd(dout, q, k, v, out, lse, log_gamma, float(scale), self._AXIS[axis])
+
+
+_cuda = _CudaPasses()
 
 pytestmark = [
     pytest.mark.gpu,

@@ -152,46 +152,6 @@ Tensor reduce_dlog_gamma(const Tensor& parts, int64_t B, int64_t heads, at::Scal
   return out.to(acc);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_impl(const char* fn, const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const Tensor& log_gamma, const Tensor& out,
-                                                    const Tensor& v_mid, const Tensor& lse, const Tensor& lse_w,
-                                                    double scale, MasaMode mode) {
-  check_inputs(fn, q, k, v, log_gamma);
-  const auto acc = acc_type(q.scalar_type());
-  const auto lse_shape = q.sizes().slice(0, 4);
-  check_like(fn, "dout", dout, v.sizes(), q.scalar_type());
-  check_like(fn, "out", out, v.sizes(), q.scalar_type());
-  check_like(fn, mode == MasaMode::decomposed ? "lse_h" : "lse", lse, lse_shape, acc);
-  if (mode == MasaMode::decomposed) {
-    check_like(fn, "v_mid", v_mid, v.sizes(), q.scalar_type());
-    check_like(fn, "lse_w", lse_w, lse_shape, acc);
-  }
-  const Tensor lg = log_gamma.to(acc).contiguous();
-  MasaArgs a = base_args(q, k, v, lg, scale, mode);
-  a.dout = arg(dout);
-  a.out = arg(out);
-  a.lse = arg(lse);
-  if (mode == MasaMode::decomposed) {
-    a.v_mid = arg(v_mid);
-    a.lse_w = arg(lse_w);
-  }
-  Tensor dq = at::empty(q.sizes(), q.options());
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
-  Tensor parts = at::empty({a.B * a.heads}, q.options().dtype(at::kDouble));
-  a.grad_q = arg(dq);
-  a.grad_k = arg(dk);
-  a.grad_v = arg(dv);
-  a.dlog_gamma_parts = parts.data_ptr();
-  run(a, /*backward=*/true);
-  return {dq, dk, dv, reduce_dlog_gamma(parts, a.B, a.heads, acc)};
-}
-
-MasaMode axis_mode(const char* fn, int64_t axis) {
-  TORCH_CHECK(axis >= 0 && axis <= 2, fn, ": axis must be 0 (full), 1 (w) or 2 (h), got ", axis);
-  return static_cast<MasaMode>(axis);  // masa::Axis and MasaMode agree on full / w / h
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> masa_cpu_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -222,36 +182,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masa_cpu_bwd_op(const Tensor& dout, c
                                                            const Tensor& v, const Tensor& log_gamma, const Tensor& out,
                                                            const Tensor& v_mid, const Tensor& lse_w,
                                                            const Tensor& lse_h, double scale, bool decomposed) {
-  if (decomposed)
-    return bwd_impl("masa_cpu_bwd", dout, q, k, v, log_gamma, out, v_mid, lse_h, lse_w, scale, MasaMode::decomposed);
-  return bwd_impl("masa_cpu_bwd", dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, scale, MasaMode::full);
-}
-
-std::tuple<Tensor, Tensor> masa_cpu_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& log_gamma,
-                                        double scale, int64_t axis) {
-  const char* fn = "masa_cpu_fwd";
-  const MasaMode mode = axis_mode(fn, axis);
+  const char* fn = "masa_cpu_bwd";
+  const MasaMode mode = decomposed ? MasaMode::decomposed : MasaMode::full;
+  // the lse of the pass that produced out: the grid's (full) or the H pass's (decomposed)
+  const Tensor& lse = decomposed ? lse_h : lse_w;
   check_inputs(fn, q, k, v, log_gamma);
-  const Tensor lg = log_gamma.to(acc_type(q.scalar_type())).contiguous();
+  const auto acc = acc_type(q.scalar_type());
+  const auto lse_shape = q.sizes().slice(0, 4);
+  check_like(fn, "dout", dout, v.sizes(), q.scalar_type());
+  check_like(fn, "out", out, v.sizes(), q.scalar_type());
+  check_like(fn, decomposed ? "lse_h" : "lse_w", lse, lse_shape, acc);
+  if (mode == MasaMode::decomposed) {
+    check_like(fn, "v_mid", v_mid, v.sizes(), q.scalar_type());
+    check_like(fn, "lse_w", lse_w, lse_shape, acc);
+  }
+  const Tensor lg = log_gamma.to(acc).contiguous();
   MasaArgs a = base_args(q, k, v, lg, scale, mode);
-  Tensor out = out_like_v(q, v);
-  Tensor lse = empty_lse(q);
+  a.dout = arg(dout);
   a.out = arg(out);
   a.lse = arg(lse);
-  if (mode == MasaMode::full) a.query_splits = query_splits(q);
-  run(a, /*backward=*/false);
-  return {out, lse};
+  if (mode == MasaMode::decomposed) {
+    a.v_mid = arg(v_mid);
+    a.lse_w = arg(lse_w);
+  }
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  Tensor parts = at::empty({a.B * a.heads}, q.options().dtype(at::kDouble));
+  a.grad_q = arg(dq);
+  a.grad_k = arg(dk);
+  a.grad_v = arg(dv);
+  a.dlog_gamma_parts = parts.data_ptr();
+  run(a, /*backward=*/true);
+  return {dq, dk, dv, reduce_dlog_gamma(parts, a.B, a.heads, acc)};
 }
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> masa_cpu_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                        const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                        const Tensor& log_gamma, double scale, int64_t axis) {
-  const char* fn = "masa_cpu_bwd";
-  const MasaMode mode = axis_mode(fn, axis);
-  return bwd_impl(fn, dout, q, k, v, log_gamma, out, Tensor(), lse, Tensor(), scale, mode);
-}
-
-std::string masa_cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
 
 }  // namespace vitattn
 

@@ -12,7 +12,6 @@
 
 #include <ATen/ATen.h>
 
-#include <string>
 #include <tuple>
 
 namespace vitattn {
@@ -26,18 +25,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masa_cpu_bwd_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& log_gamma, const at::Tensor& out, const at::Tensor& v_mid, const at::Tensor& lse_w,
     const at::Tensor& lse_h, double scale, bool decomposed);
-
-// One pass (axis 0 = full, 1 = w, 2 = h; masa_geometry.h) -> (out, lse): the pybind entry
-// that vitattn/_extension.py calls until the per-op backends call the whole op.
-std::tuple<at::Tensor, at::Tensor> masa_cpu_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& log_gamma, double scale, int64_t axis);
-
-// Gradients of one masa_cpu_fwd pass: dq, dk, dv (contiguous, input dtype), dlog_gamma.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masa_cpu_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& log_gamma, double scale, int64_t axis);
-
-// Instruction set of the kernel copy in use ("avx512", "avx2" or "default").
-std::string masa_cpu_isa();
 
 }  // namespace vitattn

@@ -288,6 +288,50 @@ struct DScoresEpi {
   }
 };
 
+// Each of the M rows (cols wide, -inf on padded keys) of S replaced by its softmax, with
+// the row maxima the scores epilogue left in rowmax: the forward's arithmetic exactly.
+template <typename T>
+void softmax_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax) {
+  using V = Vectorized<T>;
+  constexpr int L = kLanes<T>;
+  for (int64_t i = 0; i < M; ++i) {
+    T* srow = S + i * ld;
+    const V vm(hmax(V::loadu(rowmax + i * L)));
+    V acc(T(0));
+    for (int64_t j = 0; j < cols; j += L) {
+      const V p = vexp(V::loadu(srow + j) - vm);
+      acc = acc + p;
+      p.store(srow + j);
+    }
+    const V inv(T(1) / hsum(acc));
+    for (int64_t j = 0; j < cols; j += L) (V::loadu(srow + j) * inv).store(srow + j);
+  }
+}
+
+// dS = P * (dP - delta) in place of dP for rows [0, M) of a tile, with delta = rowsum(P * dP)
+// written to delta[i]; returns sum(dS * distance) (the gradient of log_gamma).
+template <typename T, bool kGrid>
+T ds_from_dp(const T* P, T* dS, int64_t ld, int64_t M, int64_t cols, Coords<T> qc, Coords<T> kc, T* delta) {
+  using V = Vectorized<T>;
+  constexpr int L = kLanes<T>;
+  V g(T(0));
+  for (int64_t i = 0; i < M; ++i) {
+    const T* p = P + i * ld;
+    T* ds = dS + i * ld;
+    V acc(T(0));
+    for (int64_t j = 0; j < cols; j += L) acc = at::vec::fmadd(V::loadu(p + j), V::loadu(ds + j), acc);
+    const T dl = hsum(acc);
+    delta[i] = dl;
+    const V vdl(dl), qy(kGrid ? qc.y[i] : T(0)), qx(qc.x[i]);
+    for (int64_t j = 0; j < cols; j += L) {
+      const V x = V::loadu(p + j) * (V::loadu(ds + j) - vdl);
+      x.store(ds + j);
+      g = at::vec::fmadd(x, distance<T, kGrid>(qy, qx, kGrid ? V::loadu(kc.y + j) : V(T(0)), V::loadu(kc.x + j)), g);
+    }
+  }
+  return hsum(g);
+}
+
 // ---------------------------------------------------------------- strided tokens
 
 // One problem's tokens in a (B, heads, H, W, F) tensor: token n at grid position
@@ -470,7 +514,7 @@ template <typename T>
 struct BwdBuf {
   int64_t N, d, dv, Np, dp, dvp;
   Blocking bk;
-  T *ky, *kx, *q, *k, *kt, *vt, *dout, *lse, *delta, *p, *ds, *gq, *gk, *gv;
+  T *ky, *kx, *q, *k, *kt, *vt, *dout, *lse, *delta, *p, *ds, *rowmax, *gq, *gk, *gv;
   BwdBuf(Arena& a, int64_t N_, int64_t d_, int64_t dv_)
       : N(N_), d(d_), dv(dv_), bk(N_, kLanes<T>) {
     constexpr int L = kLanes<T>;
@@ -488,6 +532,7 @@ struct BwdBuf {
     delta = a.take<T>(N);
     p = a.take<T>(bk.BM * bk.BN);
     ds = a.take<T>(bk.BM * bk.BN);
+    rowmax = a.take<T>(bk.BM * L);
     gq = a.take<T>(N * dp);
     gk = a.take<T>(N * dp);
     gv = a.take<T>(N * dvp);
@@ -572,14 +617,22 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
   pack_transposed(k, N, d, b.kt, Np);
   pack_transposed(v, N, dv, b.vt, Np);
   pack_rows(dout, 0, N, dv, b.dout, dvp, T(1));
-  // delta = rowsum(dO * O), as in flash-attention backward
-  out.each(0, N, [&](int64_t n, const SO* o) {
-    const T* g = b.dout + n * dvp;
-    T acc = 0;
-    for (int64_t f = 0; f < dv; ++f) acc += g[f] * static_cast<T>(o[f * out.sf]);
-    b.delta[n] = acc;
-  });
-  lse.each(0, N, [&](int64_t n, const T* p) { b.lse[n] = *p; });
+  // With the whole row in one key block (every row, column and grid up to kMaxKeys tokens)
+  // the probabilities are recomputed exactly as the forward formed them (row max, sum,
+  // normalisation) and delta = rowsum(P * dP) (= rowsum(dO * O), since O = P V). With
+  // logits ~1e4, exp(s - lse) would carry lse's fp32 rounding (~1e-3) into every P, and an
+  // fp16 / bf16 O its own rounding into delta; both then reach dq and dk times |k| and |q|.
+  // Longer rows: flash-attention's P = exp(s - lse) and delta = rowsum(dO * O).
+  const bool exact = bk.nkb == 1;
+  if (!exact) {
+    out.each(0, N, [&](int64_t n, const SO* o) {
+      const T* g = b.dout + n * dvp;
+      T acc = 0;
+      for (int64_t f = 0; f < dv; ++f) acc += g[f] * static_cast<T>(o[f * out.sf]);
+      b.delta[n] = acc;
+    });
+    lse.each(0, N, [&](int64_t n, const T* p) { b.lse[n] = *p; });
+  }
   const Coords<T> all{b.ky, b.kx};
   double dlg = 0;
   for (int64_t i0 = 0; i0 < N; i0 += bk.BM) {
@@ -589,11 +642,24 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
     for (int64_t jb = 0; jb < bk.nkb; ++jb) {
       const int64_t j0 = bk.j0(jb), nvalid = bk.nvalid(jb), cols = round_up(nvalid, L);
       const Coords<T> qc{all.y + i0, all.x + i0}, kc{all.y + j0, all.x + j0};
-      ProbsEpi<T, kGrid> pe{b.p, bk.BN, qc, kc, nvalid, lg, b.lse + i0};
-      gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, pe);
-      DScoresEpi<T, kGrid> de{b.p, b.ds, bk.BN, qc, kc, b.delta + i0, V(T(0))};
-      gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, de);
-      dlg += static_cast<double>(hsum(de.dlg));
+      if (exact) {
+        for (int64_t i = 0; i < M; ++i) V(-kInf<T>).store(b.rowmax + i * L);
+        ScoresEpi<T, kGrid> se{b.p, bk.BN, qc, kc, nvalid, lg, b.rowmax};
+        gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, se);
+        softmax_rows(b.p, bk.BN, M, cols, b.rowmax);
+      } else {
+        ProbsEpi<T, kGrid> pe{b.p, bk.BN, qc, kc, nvalid, lg, b.lse + i0};
+        gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, pe);
+      }
+      if (exact) {
+        StoreC<T> dpc{b.ds, bk.BN, false};
+        gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, dpc);
+        dlg += static_cast<double>(ds_from_dp<T, kGrid>(b.p, b.ds, bk.BN, M, cols, qc, kc, b.delta + i0));
+      } else {
+        DScoresEpi<T, kGrid> de{b.p, b.ds, bk.BN, qc, kc, b.delta + i0, V(T(0))};
+        gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, de);
+        dlg += static_cast<double>(hsum(de.dlg));
+      }
       StoreC<T> dvc{b.gv + j0 * dvp, dvp, i0 > 0};
       gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, dvp, dvc);  // dV += P^T dO
       StoreC<T> dkc{b.gk + j0 * dp, dp, i0 > 0};
@@ -611,8 +677,6 @@ template <typename T>
 T log_gamma_of(const MasaArgs& a, int64_t h) {
   return static_cast<const T*>(a.log_gamma)[h];
 }
-
-Axis pass_axis(MasaMode m) { return m == MasaMode::h ? Axis::h : m == MasaMode::w ? Axis::w : Axis::full; }
 
 int64_t fwd_splits(const MasaArgs& a, int L) {
   if (a.mode != MasaMode::full) return 1;
@@ -633,7 +697,7 @@ int64_t fwd_scratch(const MasaArgs& a) {
   return imax(aw.used, ah.used);
 }
 
-// One line pass (Axis::w or Axis::h) over every row or column of (b, head).
+// One pass of the decomposed form (Axis::w or Axis::h) over every row or column of (b, head).
 template <typename S, typename T>
 void line_pass_fwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t h, const MasaTensor& vin,
                    const MasaTensor& out, const MasaTensor& lse) {
@@ -668,14 +732,10 @@ void fwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
                               q0, q1);
       continue;
     }
+    // decomposed: along W into v_mid, then along H over v_mid while this head's slab is in cache
     const int64_t b = task / a.heads, h = task % a.heads;
-    if (a.mode == MasaMode::decomposed) {
-      // along W into v_mid, then along H over v_mid while this head's slab is in cache
-      line_pass_fwd<S, T>(ar, a, Axis::w, b, h, a.v, a.v_mid, a.lse_w);
-      line_pass_fwd<S, T>(ar, a, Axis::h, b, h, a.v_mid, a.out, a.lse);
-    } else {
-      line_pass_fwd<S, T>(ar, a, pass_axis(a.mode), b, h, a.v, a.out, a.lse);
-    }
+    line_pass_fwd<S, T>(ar, a, Axis::w, b, h, a.v, a.v_mid, a.lse_w);
+    line_pass_fwd<S, T>(ar, a, Axis::h, b, h, a.v_mid, a.out, a.lse);
   }
 }
 
@@ -756,9 +816,9 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
   for (int64_t task = begin; task < end; ++task) {
     Arena ar{static_cast<char*>(a.scratch) + slot * a.scratch_slot_bytes};
     const int64_t b = task / a.heads, h = task % a.heads;
-    if (a.mode != MasaMode::decomposed) {
+    if (a.mode == MasaMode::full) {
       const BwdTargets tg{a.grad_q, a.grad_k, a.grad_v, false};
-      parts[task] = line_pass_bwd<S, S, S, S, S, T>(ar, a, pass_axis(a.mode), b, h, a.v, a.dout, a.out, a.lse, tg);
+      parts[task] = line_pass_bwd<S, S, S, S, S, T>(ar, a, Axis::full, b, h, a.v, a.dout, a.out, a.lse, tg);
       continue;
     }
     const BwdSlabs<S, T> sl(ar, a);

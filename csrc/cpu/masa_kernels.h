@@ -19,10 +19,9 @@ enum class MasaDtype : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 
 // What one call computes:
 //   full        the full form over the H x W grid (one pass, Axis::full)
-//   w, h        one pass of the decomposed form (out, lse of that pass only)
 //   decomposed  the w pass then the h pass, fused per (batch, head): the w pass's result
 //               v_mid is read back by the h pass while it is still in cache
-enum class MasaMode : int { full = 0, w = 1, h = 2, decomposed = 3 };
+enum class MasaMode : int { full = 0, decomposed = 1 };
 
 // A (B, heads, H, W, F) tensor (or (B, heads, H, W) for a log-sum-exp: stride[4] unused).
 struct MasaTensor {
@@ -37,8 +36,8 @@ struct MasaArgs {
   double scale = 1.0;
   const void* log_gamma = nullptr;  // (heads,) contiguous, fp32 (fp64 for f64)
   // inputs: q, k (d features), v (dv features); backward also dout and the forward's
-  // results: out, lse (full form / single pass: that pass's; decomposed: out, lse_h) and,
-  // decomposed only, v_mid and lse_w
+  // results: out, lse (full form: the grid's; decomposed: out and lse_h) and, decomposed
+  // only, v_mid and lse_w
   MasaTensor q, k, v, dout;
   // forward outputs (backward inputs): out, lse as above; decomposed: v_mid, lse_w too.
   // lse tensors are fp32 (fp64 for f64)

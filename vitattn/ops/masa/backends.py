@@ -12,7 +12,8 @@ Decomposed: the pass along W inside every row gives v_mid and lse_w, the pass al
 every column over v_mid gives out and lse_h; a backend may fuse the passes.
 
 "auto" order (lower rank first): triton (CUDA), cuda (CUDA), cpu (CPU), torch (anywhere),
-overridden per shape class by measured.json (see vitattn/_dispatch.py).
+overridden per device type and shape class by measured.json, written from a benchmark run by
+`python benchmarks/bench_masa.py --update-ranking` (see vitattn/_dispatch.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def _load_torch():
 # ---------------------------------------------------------------- triton
 
 
+def _triton_resources(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+    """The head dims, then on a GPU the kernels' shared memory against this GPU's limit and their
+    register budget (kernels/masa.py can_run; "auto" moves on, an explicit "triton" raises)."""
+    why = D.head_dims_check(MAX_HEAD_DIM)(ctx, auto)
+    if why is not None or ctx["device"].type != "cuda":
+        return why
+    tk, common = _triton.kernels("masa"), _triton.kernels("_common")
+    passes = (ctx["W"], ctx["H"]) if ctx["decomposed"] else (ctx["H"] * ctx["W"],)
+    return tk.can_run(passes, ctx["d"], ctx["dv"], ctx["dtype"], common.smem_limit(ctx["device"]))
+
+
 def _load_triton():
     # the whole op in the kernels: the decomposed backward's W pass adds into the H pass's dq /
     # dk inside the kernels, and delta is formed there (kernels/masa.py)
@@ -53,54 +65,34 @@ def _load_triton():
     return SimpleNamespace(fwd=tk.forward, bwd=tk.backward)
 
 
-# ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/masa*)
+# ---------------------------------------------------------------- cpu and cuda (vitattn._C)
+#
+# The compiled kernels provide the whole op (csrc/cpu/masa.cpp, csrc/cuda/masa_torch.cpp):
+# torch.ops.vitattn_C.masa_<device>_fwd / _bwd take exactly the contract's arguments. The CPU
+# kernels fuse the decomposed form's two passes per (batch, head); the CUDA side runs them
+# one after the other.
+
+_compiled_missing: Dict[str, str] = {}  # device -> why the loaded build lacks the kernels ("" if not)
 
 
-class _CppPasses:
-    """The compiled kernels' per-pass entry points (axis 0 full, 1 along W, 2 along H)."""
+def _compiled_kernels_check(device: str) -> D.Check:
+    names = (f"masa_{device}_fwd", f"masa_{device}_bwd")
 
-    _AXIS = {None: 0, "w": 1, "h": 2}
+    def check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+        if device not in _compiled_missing:  # looked up once: an older build lacks the whole-op entries
+            ops = _extension.ops()
+            _compiled_missing[device] = "" if all(hasattr(ops, n) for n in names) else (
+                f"the loaded vitattn._C predates the MaSA whole-op {device} kernels ({names[0]}); rebuild it "
+                "(`pip install --no-build-isolation -e .`)")
+        return _compiled_missing[device] or None
 
-    def __init__(self, device: str):
-        self.device = device
-
-    def pass_fwd(self, q, k, v, log_gamma, scale, axis):
-        fn = getattr(_extension.C, f"masa_{self.device}_fwd")
-        return fn(q, k, v, log_gamma, float(scale), self._AXIS[axis])
-
-    def pass_bwd(self, dout, q, k, v, out, lse, log_gamma, scale, axis):
-        fn = getattr(_extension.C, f"masa_{self.device}_bwd")
-        return fn(dout, q, k, v, out, lse, log_gamma, float(scale), self._AXIS[axis])
+    return check
 
 
-def _load_cpu():
-    p = _CppPasses("cpu")
-    return torch_impl.TwoPass(p.pass_fwd, p.pass_bwd)
-
-
-def _load_cuda():
-    p = _CppPasses("cuda")
-    return torch_impl.TwoPass(p.pass_fwd, p.pass_bwd)
-
-
-# From benchmarks/results/masa_cpu_vs_torch.md (both backends timed alternately in one run):
-# "cpu" is faster than "torch" for the full form from 14x14 tokens up and for the decomposed
-# form at 56x56; below that "auto" keeps "torch".
-CPU_MIN_TOKENS_FULL = 14 * 14
-CPU_MIN_TOKENS_DECOMPOSED = 56 * 56
-
-
-def _cpu_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
-    why = D.cpu_extension_check(ctx, auto)
-    if why is not None or not auto:
-        return why
-    tokens = ctx["H"] * ctx["W"]
-    least = CPU_MIN_TOKENS_DECOMPOSED if ctx["decomposed"] else CPU_MIN_TOKENS_FULL
-    if tokens < least:
-        form = "decomposed" if ctx["decomposed"] else "full"
-        return (f"measured not faster than \"torch\" for the {form} form under {least} tokens "
-                "(benchmarks/results/masa_cpu_vs_torch.md)")
-    return None
+def _load_compiled(device: str):
+    ops = _extension.ops()
+    return SimpleNamespace(fwd=getattr(ops, f"masa_{device}_fwd").default,
+                           bwd=getattr(ops, f"masa_{device}_bwd").default)
 
 
 def _cuda_dtype_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
@@ -111,10 +103,11 @@ def _cuda_dtype_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
 
 # "cuda" ranks after "triton" until a GPU measurement shows it faster (it has never run).
 BACKENDS = (
-    D.Backend("triton", 20, D.all_of(D.triton_check, D.head_dims_check(MAX_HEAD_DIM)), _load_triton),
-    D.Backend("cuda", 30, D.all_of(D.cuda_extension_check, _cuda_dtype_check, D.head_dims_check(MAX_HEAD_DIM)),
-              _load_cuda),
-    D.Backend("cpu", 50, _cpu_check, _load_cpu),
+    D.Backend("triton", 20, D.all_of(D.triton_check, _triton_resources), _load_triton),
+    D.Backend("cuda", 30, D.all_of(D.cuda_extension_check, _compiled_kernels_check("cuda"), _cuda_dtype_check,
+                                   D.head_dims_check(MAX_HEAD_DIM)), lambda: _load_compiled("cuda")),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _compiled_kernels_check("cpu")),
+              lambda: _load_compiled("cpu")),
     D.Backend("torch", 100, D.any_device, _load_torch),
 )
 

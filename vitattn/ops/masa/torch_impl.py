@@ -1,14 +1,18 @@
-"""Memory-bounded PyTorch backend for MaSA (the "torch" backend).
+"""PyTorch backend for MaSA (the "torch" backend): dense math under a memory budget.
 
-Flash-attention math in plain PyTorch: logits are formed one block of queries
-(and one chunk of problems) at a time, so no N x N tensor exists for large N.
-Forward returns per-row log-sum-exp statistics; backward recomputes the
-probabilities from them.
+Both forms reduce to one primitive, *grid attention*: Z independent problems, each attending
+over the N = Y * X tokens of a Y x X grid with the decay log(gamma) * (|dy| + |dx|). The full
+form is Z = B*heads, (Y, X) = (H, W); a decomposed axis pass is Z = B*heads*rows, (Y, X) = (1, L).
 
-Both forms reduce to one primitive, *grid attention*: Z independent problems,
-each attending over the N = Y * X tokens of a Y x X grid with the decay
-log(gamma) * (|dy| + |dx|). The full form is Z = B*heads, (Y, X) = (H, W); a
-decomposed axis pass is Z = B*heads*rows, (Y, X) = (1, L).
+The problems are solved with the dense operations the official RMT code uses -- the decay
+bias, one batched GEMM adding the logits to it (the scale folded in), one fused softmax, one
+batched GEMM for the output -- on as many whole problems at once as fit
+VITATTN_DENSE_BUDGET_MB (vitattn._tiles.problem_blocks), and on row blocks of one problem
+above it, so no N x N tensor beyond the budget exists. The per-row log-sum-exp comes from the
+softmax's own output at the row maximum (p = 1 / rowsum there), not from a second exponential
+pass; the backward recomputes the probabilities with the same fused softmax (rows normalised by
+their sum: exact even where exp(s - lse) would lose precision at large logits) and uses
+softmax's fused backward.
 """
 
 from __future__ import annotations
@@ -18,58 +22,90 @@ from typing import Tuple
 import torch
 
 from ..._dtypes import acc_dtype
-from ..._tiles import problem_blocks
+from ..._tiles import dense_elems, problem_blocks
+
+# dense intermediates alive at once per block (logits, probabilities, their gradient)
+_DENSE_TENSORS = 3
 
 
-def _coords(Y: int, X: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def _distance(Y: int, X: int, device, dtype):
+    """A function (r0, r1) -> (r1 - r0, N) Manhattan distances of query rows r0..r1 to every
+    token; the whole N x N matrix is built once when it fits the budget, else row blocks."""
     n = torch.arange(Y * X, device=device)
-    return (n // X).to(dtype), (n % X).to(dtype)
+    yy, xx = (n // X).to(dtype), (n % X).to(dtype)
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        return (yy[r0:r1, None] - yy[None]).abs_().add_((xx[r0:r1, None] - xx[None]).abs_())
+
+    N = Y * X
+    if N * N <= dense_elems(dtype, _DENSE_TENSORS):
+        full = rows(0, N)
+        return lambda r0, r1: full[r0:r1]
+    return rows
+
+
+def _probabilities(qb, kb, lgb, dist, scale: float):
+    """softmax(lg * dist + scale * qb kb^T) of a block of problems, and the logits."""
+    s = lgb[:, None, None] * dist  # the decay bias, then the logits added into it
+    s.baddbmm_(qb, kb.transpose(1, 2), alpha=scale)
+    return torch.softmax(s, dim=-1), s
 
 
 def grid_attention_fwd(q, k, v, log_gamma, Y: int, X: int, scale: float):
     """q, k: (Z, N, d); v: (Z, N, dv); log_gamma: (Z,) -> out (Z, N, dv) in q.dtype, lse (Z, N) fp32/fp64."""
     Z, N, _ = q.shape
     acc = acc_dtype(q.dtype)
-    yy, xx = _coords(Y, X, q.device, acc)
+    dist = _distance(Y, X, q.device, acc)
     lg = log_gamma.to(acc)
     out = torch.empty(Z, N, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(Z, N, device=q.device, dtype=acc)
-    for z0, z1, m0, m1 in problem_blocks(Z, N, N, acc):
-        qb, kb, vb = q[z0:z1, m0:m1].to(acc), k[z0:z1].to(acc), v[z0:z1].to(acc)
-        dist = (yy[m0:m1, None] - yy[None]).abs() + (xx[m0:m1, None] - xx[None]).abs()
-        s = torch.baddbmm(lg[z0:z1, None, None] * dist, qb, kb.transpose(1, 2), alpha=scale)
-        # normalise by the row sum, not by exp(-lse): lse ~ 1e4 carries a rounding error of
-        # ~1e-3 in fp32 that would mis-scale the output (and the backward's rowsum(dO * O))
-        mx = s.amax(dim=-1, keepdim=True)
-        e = torch.exp(s - mx)
-        l = e.sum(dim=-1, keepdim=True)
-        out[z0:z1, m0:m1] = (torch.bmm(e, vb) / l).to(q.dtype)
-        lse[z0:z1, m0:m1] = (mx + torch.log(l)).squeeze(-1)
+    for z0, z1, m0, m1 in problem_blocks(Z, N, N, acc, _DENSE_TENSORS):
+        p, s = _probabilities(q[z0:z1, m0:m1].to(acc), k[z0:z1].to(acc), lg[z0:z1], dist(m0, m1), scale)
+        # at the row maximum p = exp(0) / rowsum, so lse = max + log(rowsum) = max - log(p there)
+        mx, at = s.max(dim=-1, keepdim=True)
+        del s
+        lse[z0:z1, m0:m1] = (mx - torch.log(p.gather(-1, at)))[..., 0]
+        ob = out[z0:z1, m0:m1]
+        if acc == q.dtype and ob.is_contiguous():
+            torch.bmm(p, v[z0:z1], out=ob)
+        else:
+            ob.copy_(torch.bmm(p, v[z0:z1].to(acc)))
     return out, lse
 
 
 def grid_attention_bwd(dout, q, k, v, out, lse, log_gamma, Y: int, X: int, scale: float):
-    """Gradients (dq, dk, dv, dlog_gamma[Z]) of grid_attention_fwd; dq/dk/dv in the input dtypes."""
+    """Gradients (dq, dk, dv, dlog_gamma[Z]) of grid_attention_fwd; dq/dk/dv in the input dtypes
+    (out and lse are not needed: the probabilities are recomputed and softmax's backward forms
+    rowsum(dP * P))."""
     Z, N, _ = q.shape
     acc = acc_dtype(q.dtype)
-    yy, xx = _coords(Y, X, q.device, acc)
+    dist = _distance(Y, X, q.device, acc)
     lg = log_gamma.to(acc)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (Z, N): rowsum(dO * O)
     dq = torch.empty(Z, N, q.shape[-1], device=q.device, dtype=acc)
-    dk = torch.zeros(Z, N, k.shape[-1], device=q.device, dtype=acc)
-    dv = torch.zeros(Z, N, v.shape[-1], device=q.device, dtype=acc)
+    dk = torch.empty(Z, N, k.shape[-1], device=q.device, dtype=acc)
+    dv = torch.empty(Z, N, v.shape[-1], device=q.device, dtype=acc)
     dlg = torch.zeros(Z, device=q.device, dtype=acc)
-    for z0, z1, m0, m1 in problem_blocks(Z, N, N, acc):
+    for z0, z1, m0, m1 in problem_blocks(Z, N, N, acc, _DENSE_TENSORS):
         qb, kb, vb = q[z0:z1, m0:m1].to(acc), k[z0:z1].to(acc), v[z0:z1].to(acc)
         dob = dout[z0:z1, m0:m1].to(acc)
-        dist = (yy[m0:m1, None] - yy[None]).abs() + (xx[m0:m1, None] - xx[None]).abs()
-        s = torch.baddbmm(lg[z0:z1, None, None] * dist, qb, kb.transpose(1, 2), alpha=scale)
-        p = torch.exp(s - lse[z0:z1, m0:m1, None].to(acc))
-        dv[z0:z1] += torch.bmm(p.transpose(1, 2), dob)
-        ds = p * (torch.bmm(dob, vb.transpose(1, 2)) - delta[z0:z1, m0:m1, None])
-        dq[z0:z1, m0:m1] = scale * torch.bmm(ds, kb)
-        dk[z0:z1] += scale * torch.bmm(ds.transpose(1, 2), qb)
-        dlg[z0:z1] += (ds * dist).sum((1, 2))
+        dist_b = dist(m0, m1)
+        p, s = _probabilities(qb, kb, lg[z0:z1], dist_b, scale)
+        del s
+        first = m0 == 0  # the first row block of these problems starts dk and dv
+        if first:
+            torch.bmm(p.transpose(1, 2), dob, out=dv[z0:z1])
+        else:
+            dv[z0:z1].baddbmm_(p.transpose(1, 2), dob)
+        ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, acc)
+        del p
+        torch.bmm(ds, kb, out=dq[z0:z1, m0:m1])
+        dq[z0:z1, m0:m1].mul_(scale)
+        if first:
+            torch.baddbmm(dk[z0:z1], ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dk[z0:z1])
+        else:
+            dk[z0:z1].baddbmm_(ds.transpose(1, 2), qb, alpha=scale)
+        # dL/dlog_gamma of each problem: sum(dS * distance), as one matrix-vector product
+        dlg[z0:z1] += ds.reshape(z1 - z0, -1) @ dist_b.reshape(-1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlg
 
 
