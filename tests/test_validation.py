@@ -191,7 +191,7 @@ OT = [
     ("pos_filter-device", dict(pos_filter=torch.empty(5, 3, device=META)), ValueError, "pos_filter"),
     ("pos_filter-requires-grad", dict(pos_filter=torch.ones(5, 3, requires_grad=True)), ValueError, "pos_filter"),
     ("backend-bytes", dict(backend=b"torch"), TypeError, "backend"),
-    ("backend-unknown", dict(backend="cpu"), ValueError, "backend"),
+    ("backend-unknown", dict(backend="flash"), ValueError, "backend"),
 ]
 
 OT_FNS = {"ot_aggregate": _sk.ot_aggregate, "ot_attention": _sk.ot_attention}

@@ -34,6 +34,7 @@
 #include <c10/util/Half.h>
 
 #include <array>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "common/row_softmax.h"
@@ -139,6 +140,22 @@ inline void store_run(const A* src, T* dst, int64_t stride, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
   else
     for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<T>(src[i]);
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, in 8 x 8 blocks
+// (at::vec's register transpose where the build has one)
+template <typename A>
+void transpose(const A* src, int64_t ld_src, A* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  int64_t r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8)
+      at::vec::transpose_mxn<A, 8, 8>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+    for (; c0 < cols; ++c0)
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[c0 * ld_dst + r] = src[r * ld_src + c0];
+  }
+  for (; r0 < rows; ++r0)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r0] = src[r0 * ld_src + c];
 }
 
 // row q of an x-like operand (L, C) -> buf (L, XS); the pad columns of buf are left as they are
@@ -275,46 +292,58 @@ void fwd(const DynaMixerArgs& a) {
   Packed<A> pk(g, false);
   pack_weights<T, A>(g, a, pk, false);
   const bool has_bg = a.bg.data != nullptr, has_bc = a.bc.data != nullptr;
+  const bool y_direct = std::is_same_v<T, A> && a.y.stride[4] == 1 && g.CS == g.CSv;
   A* lse_out = static_cast<A*>(a.lse);
 
   parallel_tasks(g.nblocks, [&](TaskQueue& tasks) {
     const int64_t L = g.L, Lv = g.Lv, XS = g.XS, XL = g.XL, S = g.S;
     const int64_t P = g.rows_blk * S;
-    auto [xblk, rrow, rb, z, yr, inv, lse] =
-        thread_buffers<A, 7>({g.rows_blk * L * XL, L * g.SDv, P * g.RB, P * g.Np, L * XL, Lv, Lv});
+    auto [xblk, rblk, rb, z, yr, inv, lse] =
+        thread_buffers<A, 7>({g.rows_blk * L * XL, g.rows_blk * L * g.SDv, P * g.RB, P * g.Np, L * XL, Lv, Lv});
     fill(xblk, g.rows_blk * L * XL, A(0));  // pad columns stay zero
     fill(rb, P * g.RB, A(0));
     for (int64_t b; (b = tasks.next()) >= 0;) {
       const int64_t q0 = b * g.rows_blk, nrows = min64(g.rows_blk, g.rows - q0);
-      // compress, row by row; R rounded to the storage type: the backward reads it back from r
+      // compress, the block's tokens in one GEMM; R rounded to the storage type: the
+      // backward reads it back from r
+      for (int64_t q = 0; q < nrows; ++q) pack_row<T, A>(g, a.x, q0 + q, xblk + q * L * XL);
+      tile_gemm<A>({.M = nrows * L, .N = g.SDv, .K = XS, .A = xblk, .a_rs = XL, .a_cs = 1, .B = pk.wc.get(),
+                    .ldb = g.pc, .panel_w = g.pc, .panel_stride = XS * g.pc, .C = rblk, .ldc = g.SDv,
+                    .bias = has_bc ? pk.bc.get() : nullptr});
+      const int64_t d = g.d, sr3 = a.r.stride[3], sr4 = a.r.stride[4];
       for (int64_t q = 0; q < nrows; ++q) {
-        A* xq = xblk + q * L * XL;
-        pack_row<T, A>(g, a.x, q0 + q, xq);
-        tile_gemm<A>({.M = L, .N = g.SDv, .K = XS, .A = xq, .a_rs = XL, .a_cs = 1, .B = pk.wc.get(), .ldb = g.pc,
-                      .panel_w = g.pc, .panel_stride = XS * g.pc, .C = rrow, .ldc = g.SDv,
-                      .bias = has_bc ? pk.bc.get() : nullptr});
         T* rout = static_cast<T*>(a.r.data) + g.row_offset(a.r.stride, q0 + q);
         for (int64_t i = 0; i < L; ++i) {
-          for (int64_t m = 0; m < g.SD; ++m) {
-            const T v = static_cast<T>(rrow[i * g.SDv + m]);
-            rout[i * a.r.stride[3] + m * a.r.stride[4]] = v;
-            rb[(q * S + m / g.d) * g.RB + i * g.d + m % g.d] = static_cast<A>(v);
+          const A* rrow = rblk + (q * L + i) * g.SDv;
+          for (int64_t s = 0; s < S; ++s) {
+            for (int64_t k = 0; k < d; ++k) {
+              const T v = static_cast<T>(rrow[s * d + k]);
+              rout[i * sr3 + (s * d + k) * sr4] = v;
+              rb[(q * S + s) * g.RB + i * d + k] = static_cast<A>(v);
+            }
           }
         }
       }
       generate(g, pk, has_bg, nrows * S, rb, z);
       for (int64_t q = 0; q < nrows; ++q) {
         const A* xq = xblk + q * L * XL;
+        // where y holds the accumulation type with contiguous, unpadded segments, the mix
+        // GEMM stores into y itself (its epilogue applies 1/sum): no copy pass over y
+        A* yq = yr;
+        int64_t ldy = XL;
+        if constexpr (std::is_same_v<T, A>) {
+          if (y_direct) yq = static_cast<A*>(a.y.data) + g.row_offset(a.y.stride, q0 + q), ldy = a.y.stride[3];
+        }
         for (int64_t s = 0; s < S; ++s) {
           A* zp = z + (q * S + s) * g.Np;
           softmax_columns(L, Lv, zp, inv, lse);
           // y[j, :] = (sum_i E[i, j] x[i, :]) / sum_i E[i, j]
           tile_gemm<A>({.M = L, .N = g.CSv, .K = L, .A = zp, .a_rs = 1, .a_cs = Lv, .B = xq + s * g.CSv, .ldb = XL,
-                        .C = yr + s * g.CSv, .ldc = XL, .row_scale = inv});
+                        .C = yq + s * g.CSv, .ldc = ldy, .row_scale = inv});
           A* so = lse_out + ((q0 + q) * S + s) * L;
           for (int64_t j = 0; j < L; ++j) so[j] = lse[j];
         }
-        unpack_row<T, A>(g, yr, a.y, q0 + q);
+        if (yq == yr) unpack_row<T, A>(g, yr, a.y, q0 + q);
       }
     }
   });
@@ -351,14 +380,15 @@ void bwd(const DynaMixerArgs& a) {
   CallBuffer<A> partials(ngroups * part);
 
   parallel_tasks(ngroups, [&](TaskQueue& tasks) {
-    const int64_t L = g.L, Lv = g.Lv, XS = g.XS, XL = g.XL, S = g.S, CSv = g.CSv;
+    const int64_t L = g.L, Lv = g.Lv, XS = g.XS, XL = g.XL, S = g.S, CSv = g.CSv, d = g.d;
+    const int64_t sr3 = a.r.stride[3], sr4 = a.r.stride[4];
     const int64_t P = g.rows_blk * S;
-    auto [xblk, dxblk, rb, z, drb, drow, dyr, dyt, dp, inv] = thread_buffers<A, 10>(
-        {g.rows_blk * L * XL, g.rows_blk * L * XL, P * g.RB, P * g.Np, P * g.RB, L * g.SDv, L * XL, S * CSv * Lv,
-         L * Lv, Lv});
+    auto [xblk, dxblk, rb, z, drb, drt, dyr, dyt, dp, inv] = thread_buffers<A, 10>(
+        {g.rows_blk * L * XL, g.rows_blk * L * XL, P * g.RB, P * g.Np, P * g.RB, g.rows_blk * L * g.SDv, L * XL,
+         S * CSv * Lv, L * Lv, Lv});
     fill(xblk, g.rows_blk * L * XL, A(0));  // pad columns and rows stay zero
     fill(rb, P * g.RB, A(0));
-    fill(drow, L * g.SDv, A(0));
+    fill(drt, g.rows_blk * L * g.SDv, A(0));
     fill(dyr, L * XL, A(0));
     fill(dyt, S * CSv * Lv, A(0));
     for (int64_t grp; (grp = tasks.next()) >= 0;) {
@@ -373,9 +403,9 @@ void bwd(const DynaMixerArgs& a) {
         for (int64_t q = 0; q < nrows; ++q) {  // the saved R, problem-major
           const T* rin = static_cast<const T*>(a.r.data) + g.row_offset(a.r.stride, q0 + q);
           for (int64_t i = 0; i < L; ++i)
-            for (int64_t m = 0; m < g.SD; ++m)
-              rb[(q * S + m / g.d) * g.RB + i * g.d + m % g.d] =
-                  static_cast<A>(rin[i * a.r.stride[3] + m * a.r.stride[4]]);
+            for (int64_t s = 0; s < S; ++s)
+              for (int64_t k = 0; k < d; ++k)
+                rb[(q * S + s) * g.RB + i * d + k] = static_cast<A>(rin[i * sr3 + (s * d + k) * sr4]);
         }
         generate(g, pk, has_bg, nprob, rb, z);
         for (int64_t q = 0; q < nrows; ++q) {
@@ -383,9 +413,7 @@ void bwd(const DynaMixerArgs& a) {
           A* dxq = dxblk + q * L * XL;
           pack_row<T, A>(g, a.x, q0 + q, xq);
           pack_row<T, A>(g, a.dy, q0 + q, dyr);
-          for (int64_t s = 0; s < S; ++s)  // dy^T per segment
-            for (int64_t c = 0; c < g.CS; ++c)
-              for (int64_t j = 0; j < L; ++j) dyt[(s * CSv + c) * Lv + j] = dyr[j * XL + s * CSv + c];
+          transpose(dyr, XL, dyt, Lv, L, XS);  // dy^T: (XS, Lv), segment s at row s * CSv
           for (int64_t s = 0; s < S; ++s) {
             A* zp = z + (q * S + s) * g.Np;
             // P exactly as in the forward
@@ -419,24 +447,24 @@ void bwd(const DynaMixerArgs& a) {
                       .ldb = g.pr, .panel_w = g.pr, .panel_stride = g.NZ * g.pr, .C = drb, .ldc = g.RB});
         tile_gemm<A>({.M = g.NZ, .N = g.LDv, .K = nprob, .A = z, .a_rs = 1, .a_cs = g.Np, .B = rb,
                       .ldb = g.RB, .C = part_dwg, .ldc = g.RB, .accumulate = true});
-        // per row: dR (L, SDv) token-major; dx += dR Wc; dWc += dR^T x; dbc += sum_i dR
-        for (int64_t q = 0; q < nrows; ++q) {
-          A* xq = xblk + q * L * XL;
-          A* dxq = dxblk + q * L * XL;
+        // the compress backward for the block's tokens: dR token-major (nrows * L, SDv);
+        // dx += dR Wc; dWc += dR^T x; dbc += sum of dR
+        const int64_t ntok = nrows * L;
+        for (int64_t q = 0; q < nrows; ++q)
           for (int64_t i = 0; i < L; ++i)
-            for (int64_t m = 0; m < g.SD; ++m)
-              drow[i * g.SDv + m] = drb[(q * S + m / g.d) * g.RB + i * g.d + m % g.d];
-          tile_gemm<A>({.M = L, .N = XS, .K = g.SD, .A = drow, .a_rs = g.SDv, .a_cs = 1, .B = pk.wct.get(),
-                        .ldb = g.px, .panel_w = g.px, .panel_stride = g.SDv * g.px, .C = dxq, .ldc = XL,
-                        .accumulate = true});
-          unpack_row<T, A>(g, dxq, a.dx, q0 + q);
-          tile_gemm<A>({.M = g.SD, .N = XS, .K = L, .A = drow, .a_rs = 1, .a_cs = g.SDv, .B = xq, .ldb = XL,
-                        .C = part_dwc, .ldc = XL, .accumulate = true});
-          for (int64_t m = 0; m < g.SDv; m += W) {
-            Vec acc = Vec::loadu(part_dbc + m);
-            for (int64_t i = 0; i < L; ++i) acc = acc + Vec::loadu(drow + i * g.SDv + m);
-            acc.store(part_dbc + m);
-          }
+            for (int64_t s = 0; s < S; ++s)
+              for (int64_t k = 0; k < d; ++k)
+                drt[(q * L + i) * g.SDv + s * d + k] = drb[(q * S + s) * g.RB + i * d + k];
+        tile_gemm<A>({.M = ntok, .N = XS, .K = g.SD, .A = drt, .a_rs = g.SDv, .a_cs = 1, .B = pk.wct.get(),
+                      .ldb = g.px, .panel_w = g.px, .panel_stride = g.SDv * g.px, .C = dxblk, .ldc = XL,
+                      .accumulate = true});
+        for (int64_t q = 0; q < nrows; ++q) unpack_row<T, A>(g, dxblk + q * L * XL, a.dx, q0 + q);
+        tile_gemm<A>({.M = g.SD, .N = XS, .K = ntok, .A = drt, .a_rs = 1, .a_cs = g.SDv, .B = xblk, .ldb = XL,
+                      .C = part_dwc, .ldc = XL, .accumulate = true});
+        for (int64_t m = 0; m < g.SDv; m += W) {
+          Vec acc = Vec::loadu(part_dbc + m);
+          for (int64_t t = 0; t < ntok; ++t) acc = acc + Vec::loadu(drt + t * g.SDv + m);
+          acc.store(part_dbc + m);
         }
       }
     }

@@ -8,13 +8,15 @@
 //
 // Forward, per task (a group, or a chunk of its query blocks when there are few groups):
 //   pack K^T (d x np) and V (n x dvp) of the group once, then per block of BM queries:
-//   S = (scale q) K^T by the register-blocked tile GEMM, per row max and exp-with-sum (one
-//   vectorised loop each over the L1-resident row), O = P V, out = O / rowsum,
-//   lse = max + log(rowsum). Groups larger than one key block (kKvMax) use the online
-//   softmax over key blocks (O rescaled when a block raises a row's max).
+//   S = scale (q K^T) by the register-tiled GEMM (scale in its epilogue), per row the max and
+//   exp-with-sum (one vectorised loop each over the L1-resident row), out = (P V) / rowsum
+//   (the division in the GEMM's epilogue), lse = max + log(rowsum). Groups larger than one
+//   key block (kKvMax) use the online softmax over key blocks (O rescaled when a block raises
+//   a row's max). Without a permutation, inputs already in the compute type are read in place.
 // Backward, per task (a whole group, so dk and dv are summed in a fixed order without
-//   atomics): P = exp(S - lse) recomputed; dV += P^T dO; dP = dO V^T;
-//   dS = P (dP - delta) with delta = rowsum(dO * out); dQ += dS K; dK += dS^T (scale q).
+//   atomics), over key blocks that keep the working set in L2: P = exp(S - lse) recomputed
+//   (S bitwise as in the forward); dV += P^T dO; dP = dO V^T; dS = P (dP - delta) with
+//   delta = rowsum(dO * out); dQ += dS K; dK += dS^T q; dq and dk times scale when stored.
 // Tasks write disjoint outputs and every result row is computed by the same operations in the
 // same order however the tasks are split, so results are bitwise independent of the thread
 // count.
@@ -28,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "common/row_softmax.h"
@@ -67,6 +70,9 @@ inline int64_t token(const GroupAttentionArgs& a, int64_t g, int64_t i) {
   const int64_t t = g * a.n + i;
   return a.perm != nullptr ? a.perm[t] : t;
 }
+
+// position of group g's first token in the original order when there is no permutation
+inline int64_t g_row(const GroupAttentionArgs& a, int64_t g, int64_t i) { return g * a.n + i; }
 
 template <typename S>
 inline const S* row_ptr(const GroupTensor& t, int64_t b, int64_t h, int64_t tok) {
@@ -146,6 +152,16 @@ inline A dot_padded(const A* x, const A* y, int64_t len) {
   return reduce_lanes<A>(acc, [](auto& u, auto& w) { return u + w; });
 }
 
+// x[i] = log(x[i]) for i < count (vectorised; x has room for whole vectors: a BM-long buffer
+// is padded by the scratch allocator's 64-byte rounding only, so the tail goes lane by lane)
+template <typename A>
+inline void log_rows(A* x, int64_t count) {
+  using Vec = at::vec::Vectorized<A>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) Vec::loadu(x + i).log().store(x + i);
+  for (; i < count; ++i) x[i] = std::log(x[i]);
+}
+
 template <typename A>
 inline void scale_row(A* x, int64_t len_padded, A mul) {
   using Vec = at::vec::Vectorized<A>;
@@ -177,13 +193,26 @@ void fwd_impl(const GroupAttentionArgs& a) {
   S* out = static_cast<S*>(a.out);
   A* lse = static_cast<A*>(a.lse);
 
+  // Without a permutation and with inputs already in the compute type, q is read in place as
+  // the logits GEMM's A operand (any strides), k is transposed straight from its rows, and
+  // where dv is a whole number of vectors v is read in place as P.V's B operand and one key
+  // block's output is written by that GEMM's epilogue (scaled by 1 / rowsum) straight into out.
+  constexpr bool same_type = std::is_same_v<S, A>;
+  const bool in_place = same_type && a.perm == nullptr;
+  const bool v_in_place = in_place && a.v.sf == 1 && dv % L == 0;
+  const bool out_in_place = v_in_place && nkvb == 1;
+  const bool k_rows = in_place && a.k.sf == 1;
+
   parallel_tasks(Z * parts, [&](int64_t begin, int64_t end) {
-    auto [KT, V, Kr, Qs, Sb, O, m, l] =
-        thread_buffers<A, 8>({d * np, n * dvp, n * d, BM * d, BM * bw, BM * dvp, BM, BM});
+    auto [KT, V, Kr, Qs, Sb, O, m, l, scales] =
+        thread_buffers<A, 9>({d * np, n * dvp, n * d, BM * d, BM * bw, BM * dvp, BM, BM, BM});
     // padding columns of K^T and V stay zero: every group has the same n
     zero_fill(KT, d * np);
     zero_fill(V, n * dvp);
+    for (int64_t i = 0; i < BM; ++i) scales[i] = scale;
     int64_t packed = -1;
+    const A* Vg = V;  // the group's V rows (the pack, or v itself)
+    int64_t ldv = dvp;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t z = task / parts, part = task % parts;
       const Geometry p = problem(a, z);
@@ -194,23 +223,40 @@ void fwd_impl(const GroupAttentionArgs& a) {
           prefetch_rows<S>(a, a.v, z + 1, dv);
           prefetch_output_rows<S>(a, a.out, z + 1, dv);
         }
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t tok = token(a, p.g, j);
-          load_row(Kr + j * d, row_ptr<S>(a.k, p.b, p.h, tok), a.k.sf, d, A(1));
-          load_row(V + j * dvp, row_ptr<S>(a.v, p.b, p.h, tok), a.v.sf, dv, A(1));
+        if (k_rows) {
+          transpose_pack(reinterpret_cast<const A*>(row_ptr<S>(a.k, p.b, p.h, token(a, p.g, 0))), a.k.sn, n, d,
+                         KT, np);
+        } else {
+          for (int64_t j = 0; j < n; ++j)
+            load_row(Kr + j * d, row_ptr<S>(a.k, p.b, p.h, token(a, p.g, j)), a.k.sf, d, A(1));
+          transpose_pack(Kr, d, n, d, KT, np);
         }
-        transpose_pack(Kr, d, n, d, KT, np);
+        if (v_in_place) {
+          Vg = reinterpret_cast<const A*>(row_ptr<S>(a.v, p.b, p.h, token(a, p.g, 0)));
+          ldv = a.v.sn;
+        } else {
+          for (int64_t j = 0; j < n; ++j)
+            load_row(V + j * dvp, row_ptr<S>(a.v, p.b, p.h, token(a, p.g, j)), a.v.sf, dv, A(1));
+        }
         packed = z;
       }
       const int64_t row_base = (p.b * a.heads + p.h) * a.N;
       for (int64_t qb = part * per_part; qb < std::min(nqb, (part + 1) * per_part); ++qb) {
         const int64_t r0 = qb * BM, rows = std::min(BM, n - r0);
-        for (int64_t i = 0; i < rows; ++i)
-          load_row(Qs + i * d, row_ptr<S>(a.q, p.b, p.h, token(a, p.g, r0 + i)), a.q.sf, d, scale);
+        // S = scale (q k^T): the scale applied in the GEMM's epilogue
+        const A* Qa = Qs;
+        int64_t q_rs = d, q_cs = 1;
+        if (in_place) {
+          Qa = reinterpret_cast<const A*>(row_ptr<S>(a.q, p.b, p.h, token(a, p.g, r0)));
+          q_rs = a.q.sn, q_cs = a.q.sf;
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            load_row(Qs + i * d, row_ptr<S>(a.q, p.b, p.h, token(a, p.g, r0 + i)), a.q.sf, d, A(1));
+        }
         for (int64_t j = 0; j < nkvb; ++j) {
           const int64_t c0 = j * kv_block, bn = std::min(kv_block, n - c0);
-          tile_gemm<A>({.M = rows, .N = round_up(bn, L), .K = d, .A = Qs, .a_rs = d, .a_cs = 1, .B = KT + c0,
-                        .ldb = np, .C = Sb, .ldc = bw, .accumulate = false});
+          tile_gemm<A>({.M = rows, .N = round_up(bn, L), .K = d, .A = Qa, .a_rs = q_rs, .a_cs = q_cs, .B = KT + c0,
+                        .ldb = np, .C = Sb, .ldc = bw, .accumulate = false, .row_scale = scales});
           for (int64_t i = 0; i < rows; ++i) {
             A* s = Sb + i * bw;
             const A mx = row_max(s, bn);
@@ -225,14 +271,27 @@ void fwd_impl(const GroupAttentionArgs& a) {
               scale_row(O + i * dvp, dvp, alpha);
             }
           }
-          tile_gemm<A>({.M = rows, .N = dvp, .K = bn, .A = Sb, .a_rs = bw, .a_cs = 1, .B = V + c0 * dvp,
-                        .ldb = dvp, .C = O, .ldc = dvp, .accumulate = j > 0});
+          if (j + 1 < nkvb) {
+            tile_gemm<A>({.M = rows, .N = dvp, .K = bn, .A = Sb, .a_rs = bw, .a_cs = 1, .B = Vg + c0 * ldv,
+                          .ldb = ldv, .C = O, .ldc = dvp, .accumulate = j > 0});
+          } else {
+            // the last key block: out = O / rowsum (1 / rowsum kept in l)
+            for (int64_t i = 0; i < rows; ++i) l[i] = A(1) / l[i];
+            if (out_in_place) {
+              tile_gemm<A>({.M = rows, .N = dv, .K = bn, .A = Sb, .a_rs = bw, .a_cs = 1, .B = Vg + c0 * ldv,
+                            .ldb = ldv, .C = reinterpret_cast<A*>(out) + (row_base + g_row(a, p.g, r0)) * dv,
+                            .ldc = dv, .accumulate = false, .row_scale = l});
+            } else {
+              tile_gemm<A>({.M = rows, .N = dvp, .K = bn, .A = Sb, .a_rs = bw, .a_cs = 1, .B = Vg + c0 * ldv,
+                            .ldb = ldv, .C = O, .ldc = dvp, .accumulate = j > 0, .row_scale = l});
+              for (int64_t i = 0; i < rows; ++i)
+                store_row(out + (row_base + token(a, p.g, r0 + i)) * dv, O + i * dvp, dv, A(1));
+            }
+          }
         }
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = row_base + token(a, p.g, r0 + i);
-          store_row(out + row * dv, O + i * dvp, dv, A(1) / l[i]);
-          lse[row] = m[i] + std::log(l[i]);
-        }
+        // lse = max + log(rowsum) = max - log(1 / rowsum), vectorised over the block's rows
+        log_rows(l, rows);
+        for (int64_t i = 0; i < rows; ++i) lse[row_base + token(a, p.g, r0 + i)] = m[i] - l[i];
       }
     }
   });
@@ -262,8 +321,9 @@ void bwd_impl(const GroupAttentionArgs& a) {
   parallel_tasks(Z, [&](int64_t begin, int64_t end) {
     // row-major packs with zero padding columns (B operands of the tile GEMM), transposed
     // packs of k and v, the per-token statistics, the gradient accumulators, two tiles
-    auto [Qs, Kr, KT, VT, dO, lse_row, delta, dQ, dK, dV, P, dP, orow, Vr] = thread_buffers<A, 14>(
-        {n * dp, n * dp, d * np, dv * np, n * dvp, n, n, n * dp, n * dp, n * dvp, BM * bw, BM * bw, dvp, n * dv});
+    auto [Qs, Kr, KT, VT, dO, lse_row, delta, dQ, dK, dV, P, dP, orow, Vr, scales] = thread_buffers<A, 15>(
+        {n * dp, n * dp, d * np, dv * np, n * dvp, n, n, n * dp, n * dp, n * dvp, BM * bw, BM * bw, dvp, n * dv, BM});
+    for (int64_t i = 0; i < BM; ++i) scales[i] = scale;
     // zero padding columns (finite values in the unused lanes of the tiles)
     zero_fill(KT, d * np);
     zero_fill(VT, dv * np);
@@ -280,7 +340,7 @@ void bwd_impl(const GroupAttentionArgs& a) {
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t tok = token(a, p.g, i);
-        load_row(Qs + i * dp, row_ptr<S>(a.q, p.b, p.h, tok), a.q.sf, d, scale);
+        load_row(Qs + i * dp, row_ptr<S>(a.q, p.b, p.h, tok), a.q.sf, d, A(1));
         const S* krow = row_ptr<S>(a.k, p.b, p.h, tok);
         load_row(Kr + i * dp, krow, a.k.sf, d, A(1));
         load_row(Vr + i * dv, row_ptr<S>(a.v, p.b, p.h, tok), a.v.sf, dv, A(1));
@@ -298,7 +358,7 @@ void bwd_impl(const GroupAttentionArgs& a) {
           const int64_t rows = std::min(BM, n - r0);
           // P = exp(S - lse)
           tile_gemm<A>({.M = rows, .N = bnp, .K = d, .A = Qs + r0 * dp, .a_rs = dp, .a_cs = 1, .B = KT + c0,
-                        .ldb = np, .C = P, .ldc = bw, .accumulate = false});
+                        .ldb = np, .C = P, .ldc = bw, .accumulate = false, .row_scale = scales});
           for (int64_t i = 0; i < rows; ++i) exp_shift(P + i * bw, bn, lse_row[r0 + i]);
           // dV[c0:] += P^T dO[r0:]
           tile_gemm<A>({.M = bn, .N = dvp, .K = rows, .A = P, .a_rs = 1, .a_cs = bw, .B = dO + r0 * dvp,
@@ -313,7 +373,7 @@ void bwd_impl(const GroupAttentionArgs& a) {
             const Vec dl(delta[r0 + i]);
             for (int64_t c = 0; c < bnp; c += L) (Vec::loadu(pr + c) * (Vec::loadu(dpr + c) - dl)).store(pr + c);
           }
-          // dQ[r0:] += dS K[c0:];  dK[c0:] += dS^T (scale q)[r0:]
+          // dQ[r0:] += dS K[c0:];  dK[c0:] += dS^T q[r0:]  (both times scale when stored)
           tile_gemm<A>({.M = rows, .N = dp, .K = bn, .A = P, .a_rs = bw, .a_cs = 1, .B = Kr + c0 * dp,
                         .ldb = dp, .C = dQ + r0 * dp, .ldc = dp, .accumulate = j > 0});
           tile_gemm<A>({.M = bn, .N = dp, .K = rows, .A = P, .a_rs = 1, .a_cs = bw, .B = Qs + r0 * dp,
@@ -324,7 +384,7 @@ void bwd_impl(const GroupAttentionArgs& a) {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = row_base + token(a, p.g, i);
         store_row(dq_out + row * d, dQ + i * dp, d, scale);
-        store_row(dk_out + row * d, dK + i * dp, d, A(1));
+        store_row(dk_out + row * d, dK + i * dp, d, scale);
         store_row(dv_out + row * dv, dV + i * dvp, dv, A(1));
       }
     }

@@ -11,8 +11,9 @@ la / lb are the log-marginals in the accumulation dtype (float32, float64 for fl
 inputs), G the column potentials after every iteration (O(iters * m) saved per problem) and
 zeta the aggregate T^T v that ot_attention reuses in its backward.
 
-"auto" order (lower rank first): triton (CUDA), torch (anywhere), overridden per shape
-class by measured.json (see vitattn/_dispatch.py).
+"auto" order (lower rank first): triton (CUDA), cpu (CPU, C++ kernels), torch (anywhere),
+overridden per device type and shape class by measured.json (written by
+`python benchmarks/bench_sinkhorn.py --update-ranking`; see vitattn/_dispatch.py).
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import os
 from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
-import torch
-
 from ... import _dispatch as D
-from ... import _triton
-from ..._tiles import pow2
+from ... import _extension, _triton
 from . import torch_impl
 
-NAMES = ("auto", "triton", "torch")
+NAMES = ("auto", "triton", "cpu", "torch")
 
 # The Triton kernels keep a row of the plan (all m columns) and the references on chip.
 TRITON_MAX_M = 256
@@ -46,43 +44,60 @@ def _load(mod) -> SimpleNamespace:
     return SimpleNamespace(sk_fwd=mod.sinkhorn_fwd, sk_bwd=mod.sinkhorn_bwd, ot_fwd=mod.ot_fwd, ot_bwd=mod.ot_bwd)
 
 
-def _tile_budget(device) -> int:
-    """Largest padded m x max(d, dv) tile the kernels fit in this GPU's shared memory.
-
-    Measured by compiling the backward kernel (the larger of the two) for sm_90 without a
-    GPU: padded tiles of 64 x 64 need up to 161 KiB, 256 x 32 178 KiB, 128 x 64 184 KiB,
-    64 x 128 208 KiB, 256 x 128 344 KiB (Hopper allows 227 KiB). The 4096 bound for
-    163 KiB parts (A100) assumes sm_80 layouts close to sm_90's, and 2048 below that is a
-    guess: neither was measured.
-    """
-    try:
-        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    except Exception:
-        smem = 0
-    if smem >= 227 * 1024:
-        return 8192
-    if smem >= 163 * 1024:
-        return 4096
-    return 2048
-
-
 def _triton_limits(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
     if ctx["m"] > TRITON_MAX_M:
         return f"up to {TRITON_MAX_M} references (columns) are supported, got m={ctx['m']}"
     if max(ctx["d"], ctx["dv"]) > TRITON_MAX_FEATURE:
         return f"feature dims up to {TRITON_MAX_FEATURE} are supported, got d={ctx['d']}, dv={ctx['dv']}"
     if ctx["device"].type == "cuda":
-        width = max(pow2(ctx["d"]), pow2(ctx["dv"]))
-        budget = _tile_budget(ctx["device"])
-        if pow2(ctx["m"]) * width > budget:
-            return (f"the references x features tile ({pow2(ctx['m'])} x {width}, padded to powers of 2) "
-                    f"needs more shared memory than this GPU offers (at most {budget} elements here); "
-                    "use fewer references or a smaller head dim")
+        # the kernels' shared memory against this GPU's limit and their register budget
+        tk, common = _triton.kernels("sinkhorn"), _triton.kernels("_common")
+        return tk.can_run(ctx["n"], ctx["m"], ctx["d"], ctx["dv"], ctx["dtype"], ctx["kind"] != "sinkhorn",
+                          common.smem_limit(ctx["device"]))
     return None
+
+
+# ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/sinkhorn*)
+
+
+class _Cpu:
+    """The C++ kernels (torch.ops.vitattn_C.sinkhorn_{,ot_}cpu_{fwd,bwd}): the contract above,
+    fp16/bf16 inputs computed in fp32, strided inputs read in place."""
+
+    def __init__(self):
+        self.ops = _extension.ops()
+
+    def sk_fwd(self, S, la, lb, eps, iters):
+        return self.ops.sinkhorn_cpu_fwd(S, la, lb, float(eps), int(iters))
+
+    def sk_bwd(self, dP, S, la, lb, G, eps):
+        return self.ops.sinkhorn_cpu_bwd(dP, S, la, lb, G, float(eps))
+
+    def ot_fwd(self, x, ref, v, filt, eps, iters, attention):
+        return self.ops.sinkhorn_ot_cpu_fwd(x, ref, v, filt, float(eps), int(iters), bool(attention))
+
+    def ot_bwd(self, dout, x, ref, v, filt, zeta, G, eps, attention):
+        return self.ops.sinkhorn_ot_cpu_bwd(dout, x, ref, v, filt, zeta, G, float(eps), bool(attention))
+
+
+_cpu_missing: Optional[str] = None
+
+
+def _cpu_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+    global _cpu_missing
+    why = D.cpu_extension_check(ctx, auto)
+    if why is not None:
+        return why
+    if _cpu_missing is None:  # looked up once (not while torch.compile traces a later call)
+        _cpu_missing = "" if hasattr(_extension.ops(), "sinkhorn_cpu_fwd") else (
+            "this build of vitattn._C predates the Sinkhorn CPU kernels; rebuild it "
+            "(`pip install --no-build-isolation -e .`)")
+    return _cpu_missing or None
 
 
 BACKENDS = (
     D.Backend("triton", 20, D.all_of(D.triton_check, _triton_limits), lambda: _load(_triton.kernels("sinkhorn"))),
+    D.Backend("cpu", 50, _cpu_check, _Cpu),
     D.Backend("torch", 100, D.any_device, lambda: _load(torch_impl)),
 )
 
