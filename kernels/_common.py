@@ -99,3 +99,9 @@ def sum_partials(part: torch.Tensor) -> torch.Tensor:
         part, out, R, K, BLOCK_R=block_r, BLOCK_K=block_k, ACC=acc_tl(part.dtype), num_warps=4,
     )
     return out
+
+
+def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype, arch: int = 90) -> int:
+    """Shared memory (bytes) of _sum_partials_kernel: at most one fp32 partial per column and warp
+    for the cross-warp reduction of its tile."""
+    return 4 * meta["BLOCK_K"] * opts.get("num_warps", 4) + 64

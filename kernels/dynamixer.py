@@ -233,34 +233,96 @@ KERNELS = ("_fwd_kernel", "_bwd_rows_kernel", "_dw_kernel")
 P_PER_SPLIT = 4096
 
 
+def _rows_limits(dtype: torch.dtype):
+    """(largest BLOCK_P, elements of the (P, L, C/S) block) for the backward rows kernel."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 8, 8192
+    return 1, 1024  # fp32 (interpreter only: can_run refuses fp32 on a GPU)
+
+
 def launch_configs(L: int, CS: int, LD: int, dtype: torch.dtype) -> Dict[str, Tuple[dict, dict]]:
     """{kernel name: (constexpr arguments, launch options)} for one problem geometry.
 
     BLOCK_P problems share a program: as many as keep the register-resident blocks (x and
-    dx_mix (P, L, C/S), the logits (P, L, BLOCK_J)) within budget; the generate-row chunk
-    BLOCK_K keeps the (L * BLOCK_J) x BLOCK_K Wg tile in shared memory small.
+    dx_mix (P, L, C/S), the logits (P, L, BLOCK_J)) within what ptxas compiles without spills
+    (sm_90a/sm_80, measured: the forward up to 8192 elements per block, the backward rows kernel
+    up to 8 problems and 8192 (fp16/bf16) elements; fp32 spills even at one 32 x 32 problem, so
+    can_run refuses fp32 on a GPU); the
+    generate-row chunk BLOCK_K keeps the (L * BLOCK_J) x BLOCK_K Wg tile in shared memory small.
     """
     acc, prec = C.acc_tl(dtype), C.dot_precision(dtype)
     bi, bc = C.pow2(L), C.pow2(CS)
     bj = 16
     half = dtype in (torch.float16, torch.bfloat16)
-    # elements per thread of the register-resident blocks, at 8 warps
-    bp = 16
-    while bp > 1 and (bp * bi * bc > 8192 or bp * bi * bj > 8192):
-        bp //= 2
     wide = bi * bj  # generate rows per column block
     bk = min(C.pow2(LD), max(16, (4096 if half else 2048) // wide))
-    rows = dict(BLOCK_P=bp, BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, BLOCK_K=bk, ACC=acc, PREC=prec)
-    rows_opts = dict(num_warps=4 if bp * bi * max(bc, bj) <= 4096 else 8, num_stages=1)
+
+    def block_p(cap, elems):
+        bp = cap
+        while bp > 1 and (bp * bi * bc > elems or bp * bi * bj > elems):
+            bp //= 2
+        return bp
+
+    # one BLOCK_P for both kernels: the backward must see the forward's problem blocking (a
+    # different one gave wrong gradients in the interpreter)
+    fwd = dict(BLOCK_P=min(block_p(16, 8192), block_p(*_rows_limits(dtype))), BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc,
+               BLOCK_K=bk, ACC=acc, PREC=prec)
+    rows = dict(fwd)
+    opts = lambda m: dict(num_warps=4 if m["BLOCK_P"] * bi * max(bc, bj) <= 4096 else 8, num_stages=1)
+    rows_opts = opts(rows)
     ll = L * L
     dw = dict(BLOCK_P=32, BLOCK_N=min(128, C.pow2(ll)), BLOCK_K=min(128 if half else 64, C.pow2(LD)),
               ACC=acc, PREC=prec)
     dw_opts = dict(num_warps=8 if dw["BLOCK_N"] * dw["BLOCK_K"] >= 128 * 64 else 4, num_stages=2)
-    return {"_fwd_kernel": (rows, rows_opts), "_bwd_rows_kernel": (rows, rows_opts), "_dw_kernel": (dw, dw_opts)}
+    return {"_fwd_kernel": (fwd, opts(fwd)), "_bwd_rows_kernel": (rows, rows_opts), "_dw_kernel": (dw, dw_opts)}
 
 
-def can_run(L: int, CS: int, LD: int, dtype: torch.dtype, device) -> Optional[str]:
-    """None if the kernels can run this geometry on device, else the reason."""
+MAX_L = 64
+MAX_LD = 512
+
+
+def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype, arch: int = 90) -> int:
+    """Shared memory (bytes) one block of kernel needs at config (meta, opts) for inputs of dtype:
+    the Wg tile of the logits product, the x block and the probabilities (and dy in the backward)
+    as dot operands; fp32 keeps split "tf32x3" operands. Upper bounds of the compiled kernels
+    (sm_80, sm_90a), checked by tests/test_gpu_compile.py."""
+    e = 4 if dtype in (torch.float32, torch.float64) else 2
+    grow = 1.6 if e == 4 else 1.0
+    if kernel == "_dw_kernel":
+        return int(e * 4 * meta["BLOCK_P"] * (meta["BLOCK_N"] + meta["BLOCK_K"]) + 256)
+    p, bi, bj, bc, bk = meta["BLOCK_P"], meta["BLOCK_I"], meta["BLOCK_J"], meta["BLOCK_C"], meta["BLOCK_K"]
+    elems = bk * bi * bj + p * bi * bc + p * bi * bj
+    if kernel == "_bwd_rows_kernel":
+        elems += p * bj * bc
+    return int(e * grow * elems + 256)
+
+
+def can_run(L: int, CS: int, LD: int, dtype: torch.dtype, smem_limit: Optional[int]) -> Optional[str]:
+    """None if the kernels can mix rows of L tokens, C/S = CS channels per segment and L*d = LD on
+    a GPU whose blocks may use smem_limit bytes of shared memory (None: no GPU, the interpreter);
+    else the reason."""
+    if L > MAX_L:
+        return f"sequence lengths up to {MAX_L} are supported, got L={L}"
+    if LD > MAX_LD:
+        return f"L*d up to {MAX_LD} is supported, got L*d={LD}"
+    if smem_limit is None:
+        return None
+    if dtype == torch.float32:
+        # ptxas for sm_80/sm_90a spills 0.4-0.5 KB per thread in the backward rows kernel even at
+        # one 32 x 32 problem per program on 8 warps (the split "tf32x3" operands): fp32 runs on
+        # another backend (cuBLAS through "torch"), fp16/bf16 here
+        return ("float32 is not run by the Triton DynaMixer kernels on a GPU: their backward spills "
+                "registers (measured with ptxas for sm_80/sm_90a at DynaMixer-S stage 1); use "
+                "fp16/bf16 (autocast) or another backend")
+    _, elems = _rows_limits(dtype)
+    if C.pow2(L) * C.pow2(CS) > elems:
+        return (f"the backward kernel would spill registers: one problem's (L x C/S) block of "
+                f"{C.pow2(L)} x {C.pow2(CS)} (padded) exceeds {elems} elements for {str(dtype)[6:]}")
+    for name, (meta, opts) in launch_configs(L, CS, LD, dtype).items():
+        need = smem_bytes(name, meta, opts, dtype)
+        if need > smem_limit:
+            return (f"{name} needs {need} bytes of shared memory per block at L={L}, C/S={CS}, L*d={LD} "
+                    f"({str(dtype)[6:]}), more than the {smem_limit} this GPU allows")
     return None
 
 

@@ -361,10 +361,77 @@ def config(n: int, D: int, DV: int, dtype: torch.dtype, block: Optional[int] = N
         meta = dict(BLOCK_M=tile, BLOCK_N=tile, PACK=1, PACKED=False)
         warps = 8 if backward and tile * widest >= 64 * 64 else 4
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # fp32 inputs: exact fp32 products (no silent TF32) so results match the reference
-    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    # fp32 inputs: exact fp32 products ("ieee", never silent TF32) where they fit the registers;
+    # from head dim 64 the FMA dots spill and three TF32 products ("tf32x3", fp32-level error)
+    # take over (see kernels/_common.py dot_precision)
+    prec = "ieee" if dtype == torch.float64 or (dtype == torch.float32 and widest <= 32) else (
+        "tf32x3" if dtype == torch.float32 else "tf32")
     meta.update(BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc, PREC=prec, num_warps=warps)
     return meta
+
+
+FP32_MAX_HEAD_DIM = 128
+# Shared memory in elements of the input dtype (see kernels/masa.py): tiled kernels a x the
+# streamed tiles + b x the program's own tiles + c x the logits tile; packed kernels hold
+# their q, k, v (and dO) tiles and the logits tile. Upper bounds of the compiled kernels
+# (sm_80, sm_90a), checked by tests/test_gpu_compile.py.
+_SMEM_COEF = {
+    ("_group_fwd_tiled_kernel", 2): (2.0, 2.5, 0.5), ("_group_fwd_tiled_kernel", 4): (2.5, 2.0, 1.0),
+    ("_group_bwd_dq_kernel", 2): (2.0, 1.5, 0.5), ("_group_bwd_dq_kernel", 4): (2.0, 3.0, 1.0),
+    ("_group_bwd_dkdv_kernel", 2): (1.5, 2.0, 1.5), ("_group_bwd_dkdv_kernel", 4): (1.5, 3.0, 3.0),
+    ("_group_fwd_packed_kernel", 2): (0.0, 1.5, 1.0), ("_group_fwd_packed_kernel", 4): (0.0, 2.0, 2.0),
+    ("_group_bwd_packed_kernel", 2): (0.0, 2.0, 2.0), ("_group_bwd_packed_kernel", 4): (0.0, 3.0, 3.0),
+}
+
+
+def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype, arch: int = 90) -> int:
+    """Shared memory (bytes) one block of kernel needs at config (meta, opts) for inputs of dtype."""
+    e = 4 if dtype in (torch.float32, torch.float64) else 2
+    if kernel == "_delta_kernel":
+        return 8 * meta["BLOCK_R"] * e
+    bd, bdv = meta["BLOCK_D"], meta["BLOCK_DV"]
+    if "packed" in kernel:
+        bm = bn = meta["BLOCK"]
+        streamed, kept = 0, bm * (2 * bd + 2 * bdv)
+    else:
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        if kernel == "_group_bwd_dkdv_kernel":
+            streamed, kept = bm * (bd + bdv), bn * (bd + bdv)
+        elif kernel == "_group_bwd_dq_kernel":
+            streamed, kept = bn * (bd + bdv), bm * (bd + bdv)
+        else:
+            streamed, kept = bn * (bd + bdv), bm * bd
+    a, b, c = _SMEM_COEF[(kernel, e)]
+    return int(e * (a * streamed + b * kept + c * bm * bn))
+
+
+def _kernels_for(meta: dict, backward: bool):
+    if meta["PACKED"]:
+        return ["_group_bwd_packed_kernel" if backward else "_group_fwd_packed_kernel"]
+    return ["_group_bwd_dkdv_kernel", "_group_bwd_dq_kernel"] if backward else ["_group_fwd_tiled_kernel"]
+
+
+def can_run(n: int, D: int, DV: int, dtype: torch.dtype, smem_limit: Optional[int]) -> Optional[str]:
+    """None if the kernels can run groups of n tokens with head dims D, DV on a GPU whose blocks may
+    use smem_limit bytes of shared memory (None: no GPU, the interpreter); else the reason."""
+    if max(D, DV) > 256:
+        return f"head dims up to 256 are supported, got d={D}, dv={DV}"
+    if smem_limit is None:
+        return None
+    if dtype == torch.float32 and max(_pow2(D), _pow2(DV)) > FP32_MAX_HEAD_DIM:
+        return (f"float32 head dims above {FP32_MAX_HEAD_DIM} spill registers in every tile size the "
+                f"kernels can use (measured with ptxas), got d={D}, dv={DV}")
+    for backward in (False, True):
+        meta = config(n, D, DV, dtype, backward=backward)
+        for name in _kernels_for(meta, backward):
+            tiles = dict(meta)
+            if "packed" in name:
+                tiles["BLOCK"] = meta["BLOCK_M"]
+            need = smem_bytes(name, tiles, {"num_warps": meta["num_warps"]}, dtype)
+            if need > smem_limit:
+                return (f"{name} needs {need} bytes of shared memory per block at head dims d={D}, dv={DV} "
+                        f"({str(dtype)[6:]}), more than the {smem_limit} this GPU allows")
+    return None
 
 
 def _check_sizes(rows: int) -> None:

@@ -283,52 +283,89 @@ def _strides(t: torch.Tensor, axis: Optional[str], with_feature: bool = True):
 KERNELS = ("_masa_fwd_kernel", "_masa_bwd_dq_kernel", "_masa_bwd_dkdv_kernel")
 
 
+# (BLOCK_M, BLOCK_N, num_warps) per kernel and padded head dim, for fp16/bf16 and for fp32
+# ("tf32x3" dots). BLOCK_M is the query tile, BLOCK_N the key tile. Chosen with
+# tests/_compile_harness.py as the largest tiles that ptxas compiles without register spills
+# for sm_90a and sm_80. fp32 beyond head dim 128 spills at every tile size: can_run refuses it.
+_TILES = {
+    "half": {
+        "_masa_fwd_kernel": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 4)},
+        "_masa_bwd_dq_kernel": {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 32, 4),
+                                256: (16, 32, 4)},
+        "_masa_bwd_dkdv_kernel": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 32, 4), 128: (32, 32, 4),
+                                  256: (32, 16, 4)},
+    },
+    "fp32": {
+        "_masa_fwd_kernel": {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 32, 8)},
+        "_masa_bwd_dq_kernel": {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
+        "_masa_bwd_dkdv_kernel": {16: (64, 64, 4), 32: (32, 64, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
+    },
+}
+FP32_MAX_HEAD_DIM = 128
+
+
 def configs(N: int, D: int, DV: int, dtype: torch.dtype) -> Dict[str, Tuple[dict, dict]]:
     """{kernel name: (constexprs, launch options)} for problems of N tokens and head dims D, DV.
 
-    Tiles shrink as the head dims grow so that the live tiles stay inside the register budget
-    (checked against ptxas by tests/test_gpu_compile.py, sm_80 and sm_90a); no tile is larger
-    than the problem (rows of 7 tokens get 16-token tiles, not 64).
+    Tiles per padded head dim from _TILES, never larger than the problem (rows of 7 tokens get
+    16-token tiles); fp64 (interpreter only) takes the fp32 tiles, 32 x 32 beyond them.
     """
     bd, bdv = C.pow2(D), C.pow2(DV)
     widest = max(bd, bdv)
-    half = dtype in (torch.float16, torch.bfloat16)
-    cap = _pow2_cap(N)
+    cap = C.pow2(N)
+    table = _TILES["half" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
     acc, prec = C.acc_tl(dtype), C.dot_precision(dtype)
     out = {}
     for name in KERNELS:
-        if name == "_masa_fwd_kernel":
-            bm, bn = (64, 64) if widest <= 64 else ((64, 32) if widest <= 128 else (32, 32))
-            if not half and widest > 64:
-                bm, bn = 32, 32 if widest <= 128 else 16
-        else:
-            bm, bn = (64, 64) if widest <= 32 else ((32, 64) if widest <= 64 else (32, 32))
-            if widest > 128:
-                bm, bn = 16, 32
-            if not half and widest > 32:
-                bm, bn = min(bm, 32), min(bn, 32) if widest <= 64 else 16
-            if name == "_masa_bwd_dkdv_kernel":
-                bm, bn = bn, bm  # owns keys (BLOCK_N) and walks queries (BLOCK_M)
-        bm, bn = min(bm, cap), min(bn, cap)
-        warps = 4 if max(bm, bn) * widest <= 64 * 64 else 8
-        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc, PREC=prec)
+        bm, bn, warps = table[name].get(widest, (32, 32, 8))
+        meta = dict(BLOCK_M=min(bm, cap), BLOCK_N=min(bn, cap), BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc, PREC=prec)
         out[name] = (meta, dict(num_warps=warps))
     return out
 
 
-def _pow2_cap(N: int) -> int:
-    return C.pow2(N)
+# Shared memory of the kernels, in elements of the input dtype: a x the tiles a program streams
+# through its loop (multi-buffered by Triton's pipeliner), b x the tiles it keeps (its own
+# queries or keys and their gradients), c x the BLOCK_M x BLOCK_N logits tile, fitted as upper
+# bounds of what the compiler allocates (sm_80 and sm_90a; fp32 keeps split "tf32x3" operands).
+# tests/test_gpu_compile.py checks smem_bytes against the compiled kernels.
+_SMEM_COEF = {
+    ("_masa_fwd_kernel", 2): (2.0, 2.5, 0.5), ("_masa_fwd_kernel", 4): (2.5, 2.0, 0.5),
+    ("_masa_bwd_dq_kernel", 2): (2.0, 1.5, 0.5), ("_masa_bwd_dq_kernel", 4): (1.0, 3.0, 0.5),
+    ("_masa_bwd_dkdv_kernel", 2): (1.5, 2.0, 1.5), ("_masa_bwd_dkdv_kernel", 4): (0.5, 3.0, 3.0),
+}
 
 
-def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype) -> int:
-    """Shared memory (bytes) kernel needs at config (meta, opts) for inputs of dtype."""
-    raise NotImplementedError
+def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype, arch: int = 90) -> int:
+    """Shared memory (bytes) one block of kernel needs at config (meta, opts) for inputs of dtype."""
+    e = 4 if C.elem_bytes(dtype) >= 4 else 2
+    bm, bn, bd, bdv = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"]
+    if kernel == "_masa_bwd_dkdv_kernel":
+        streamed, kept = bm * (bd + bdv), bn * (bd + bdv)
+    elif kernel == "_masa_bwd_dq_kernel":
+        streamed, kept = bn * (bd + bdv), bm * (bd + bdv)
+    else:
+        streamed, kept = bn * (bd + bdv), bm * bd
+    a, b, c = _SMEM_COEF[(kernel, e)]
+    return int(e * (a * streamed + b * kept + c * bm * bn))
 
 
-def can_run(N: int, D: int, DV: int, dtype: torch.dtype, device) -> Optional[str]:
-    """None if the kernels can run problems of N tokens, head dims D, DV on device; else why."""
+def can_run(Ns, D: int, DV: int, dtype: torch.dtype, smem_limit: Optional[int]) -> Optional[str]:
+    """None if the kernels can run problems of Ns tokens (one per pass) and head dims D, DV on a
+    GPU whose blocks may use smem_limit bytes of shared memory (None: no GPU, the interpreter);
+    else the reason."""
     if max(D, DV) > 256:
         return f"head dims up to 256 are supported, got d={D}, dv={DV}"
+    if smem_limit is None:
+        return None
+    if dtype == torch.float32 and max(C.pow2(D), C.pow2(DV)) > FP32_MAX_HEAD_DIM:
+        return (f"float32 head dims above {FP32_MAX_HEAD_DIM} spill registers in every tile size the "
+                f"kernels can use (measured with ptxas), got d={D}, dv={DV}")
+    for N in Ns:
+        for name, (meta, opts) in configs(N, D, DV, dtype).items():
+            need = smem_bytes(name, meta, opts, dtype)
+            if need > smem_limit:
+                return (f"{name} needs {need} bytes of shared memory per block at head dims d={D}, dv={DV} "
+                        f"({str(dtype)[6:]}), more than the {smem_limit} this GPU allows")
     return None
 
 

@@ -133,7 +133,8 @@ def _sum_chunks(P, z, NC, M, offs_m, col_ok, BLOCK_C: tl.constexpr):
 # ---------------------------------------------------------------- forward
 
 
-@triton.jit
+# the iteration / step index varies between launches: one compiled kernel for every value
+@triton.jit(do_not_specialize=["T_IDX"])
 def _fwd_sweep_kernel(
     S, X, REF, V, FILT, LA, LB, G, ST, ACCP,
     s_sz, s_sn, s_sm,
@@ -376,7 +377,7 @@ def _emit(dK, filt, inv_eps, x_t, ref, dref, DSO, ds_base, s_dn, s_dm, DXO, dx_b
     return dref
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["STEP"])
 def _bwd_sweep_kernel(
     S, X, REF, V, FILT, DOUT, ZB, DZ, G, LA, LB,
     DS, DSO, DX, DXO, DVO, DREFP, DF0, DLA, DLB, DG,
@@ -519,14 +520,90 @@ BLOCK_N_CAP = 64
 ROW_CHUNKS = 8
 
 
-def _config(N: int, M: int, D: int, DV: int, dtype: torch.dtype):
+def _config(N: int, M: int, D: int, DV: int, dtype: torch.dtype, backward: bool = False):
+    """(constexprs, num_warps) of the forward or the backward kernels.
+
+    The backward sweep keeps about ten (BLOCK_N x m) fp32 tiles live (scores, filter, plan,
+    both softmaxes and their products) besides the (m x d) reference and dref tiles: its row
+    tile is 16 (32 for m <= 32) and its warps are chosen so that the live elements per thread
+    stay within REG_BUDGET (sm_90a/sm_80 ptxas: no spills at the SeTformer shapes). The
+    forward keeps a (BLOCK_N x widest) tile near 2K elements.
+    """
     bm, bd, bdv = C.pow2(M), C.pow2(D), C.pow2(DV)
     widest = max(bm, bd, bdv)
-    # keep a (BLOCK_N x widest) fp32 tile at about 4K elements per program
-    bn = max(16, min(BLOCK_N_CAP, C.pow2(N), 4096 // widest))
-    warps = 4 if bn * widest <= 2048 else 8
+    if backward:
+        bn = max(16, min(BLOCK_N_CAP, C.pow2(N), 32 if bm <= 32 else 16))
+        warps = 4 if _live_per_thread(bn, bm, max(bd, bdv), 4) <= REG_BUDGET else 8
+    else:
+        bn = max(16, min(BLOCK_N_CAP, C.pow2(N), 2048 // widest))
+        warps = 4
     return dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv, ACC=C.acc_tl(dtype),
                 PREC=C.dot_precision(dtype)), warps
+
+
+# fp32 elements per thread the backward sweep may keep live (calibrated with ptxas: 144 at the
+# SeTformer shape m = 64, d = 32, 4 warps, compiles without spills)
+REG_BUDGET = 160
+
+
+def _live_per_thread(bn: int, bm: int, width: int, warps: int) -> float:
+    return (10 * bn * bm + 4 * bm * width) / (32 * warps)
+
+
+# Shared memory in fp32 elements (the tiles are fp32 inside the kernels) as
+# a x m*W + b x BLOCK_N*W + c x BLOCK_N*m, W = max(d, dv) padded, per kernel (variant) and
+# input element size: upper bounds of the compiled kernels (sm_80, sm_90a; fp32 inputs keep
+# split "tf32x3" operands), checked by tests/test_gpu_compile.py.
+_SMEM_COEF = {
+    ("_fwd_sweep_kernel", False, 2): (1, 1, 1), ("_fwd_sweep_kernel", False, 4): (3, 2, 0),
+    ("_fwd_sweep_kernel", True, 2): (1, 3, 4), ("_fwd_sweep_kernel", True, 4): (3, 4, 5),
+    ("_fwd_out_kernel", 2, 2): (2, 1.5, 3), ("_fwd_out_kernel", 2, 4): (6, 3, 0.5),
+    ("_bwd_dzeta_kernel", True, 2): (1, 3, 4), ("_bwd_dzeta_kernel", True, 4): (3, 4, 3),
+    ("_bwd_sweep_kernel", 1, 2): (5, 3, 3), ("_bwd_sweep_kernel", 1, 4): (10, 2, 5),
+    ("_bwd_sweep_kernel", 2, 2): (5, 4, 3), ("_bwd_sweep_kernel", 2, 4): (12, 4, 5),
+}
+
+
+def smem_bytes(kernel: str, meta: dict, opts: dict, dtype: torch.dtype, arch: int = 90) -> int:
+    """Shared memory (bytes) one block of kernel needs at config (meta, opts) for inputs of dtype."""
+    e = 4 if dtype in (torch.float32, torch.float64) else 2
+    bm = meta["BLOCK_M"]
+    if kernel == "_fwd_final_kernel":
+        return 4 * 8 * bm + 512
+    bn, w = meta["BLOCK_N"], max(meta["BLOCK_D"], meta["BLOCK_DV"])
+    if not meta.get("FROM_X", True) and kernel != "_bwd_dzeta_kernel":
+        # dense scores: no dots, only the cross-warp reductions of a (BLOCK_N x m) tile
+        return 4 * bn * bm + 1024
+    variant = {"_fwd_sweep_kernel": meta.get("AGG"), "_fwd_out_kernel": 2, "_bwd_dzeta_kernel": True,
+               "_bwd_sweep_kernel": meta.get("MODE")}[kernel]
+    a, b, c = _SMEM_COEF[(kernel, variant, e)]
+    return int(4 * (a * bm * w + b * bn * w + c * bn * bm))
+
+
+def can_run(n: int, m: int, d: int, dv: int, dtype: torch.dtype, from_x: bool,
+            smem_limit: Optional[int]) -> Optional[str]:
+    """None if the kernels can run problems of n rows and m columns (references), features d, dv
+    (ot: from_x) on a GPU whose blocks may use smem_limit bytes of shared memory (None: no GPU,
+    the interpreter); else the reason."""
+    if smem_limit is None:
+        return None
+    bwd, warps = _config(n, m, d, dv, dtype, backward=True)
+    if from_x and _live_per_thread(bwd["BLOCK_N"], bwd["BLOCK_M"], max(bwd["BLOCK_D"], bwd["BLOCK_DV"]),
+                                   warps) > REG_BUDGET:
+        return (f"the backward kernel would spill registers at m={m} references and features d={d}, dv={dv} "
+                f"(it keeps about ten {bwd['BLOCK_N']} x {bwd['BLOCK_M']} tiles and the m x d reference live)")
+    fwd, fwarps = _config(n, m, d, dv, dtype)
+    kernels = [("_fwd_sweep_kernel", dict(fwd, AGG=from_x, FROM_X=from_x), fwarps),
+               ("_fwd_out_kernel", dict(fwd, FROM_X=from_x), fwarps),
+               ("_bwd_sweep_kernel", dict(bwd, MODE=2 if from_x else 0, FROM_X=from_x), warps)]
+    if from_x:
+        kernels.append(("_bwd_dzeta_kernel", dict(bwd, FROM_X=True), warps))
+    for name, meta, w in kernels:
+        need = smem_bytes(name, meta, {"num_warps": w}, dtype)
+        if need > smem_limit:
+            return (f"{name} needs {need} bytes of shared memory per block at m={m}, d={d}, dv={dv} "
+                    f"({str(dtype)[6:]}), more than the {smem_limit} this GPU allows")
+    return None
 
 
 def _chunks(N: int, block_n: int):
@@ -609,7 +686,7 @@ def _backward(a: _Args, dout, zeta, G, Z, heads, batch, N, M, D, DV, eps, c_att,
     """Run the backward launches; returns (dla, dlb, dref partials)."""
     acc = C.acc_dtype(dtype)
     iters = G.shape[-2]
-    meta, warps = _config(N, M, D, DV, dtype)
+    meta, warps = _config(N, M, D, DV, dtype, backward=True)
     nc, tpc = _chunks(N, meta["BLOCK_N"])
     block_c = C.pow2(nc, 1)
     dev = like.device

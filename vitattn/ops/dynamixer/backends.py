@@ -28,11 +28,10 @@ from . import torch_impl
 
 NAMES = ("auto", "triton", "cpu", "torch")
 
-# limits of the Triton kernels: a program keeps a (rows, L, C/S) block of x and a
-# (rows, L, 16) block of logits in registers, and a full generate row of length L*d
+# limits of the Triton kernels on any device (kernels/dynamixer.py can_run adds, on a GPU, the
+# register and shared-memory limits of the dtype and this GPU)
 TRITON_MAX_L = 64
 TRITON_MAX_LD = 512
-TRITON_MAX_CS = 128
 
 
 def shape_class(ctx: Dict[str, Any]) -> str:
@@ -46,8 +45,10 @@ def _triton_limits(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
         return f"sequence lengths up to {TRITON_MAX_L} are supported, got L={ctx['L']}"
     if ctx["L"] * ctx["d"] > TRITON_MAX_LD:
         return f"L*d up to {TRITON_MAX_LD} is supported, got L*d={ctx['L'] * ctx['d']}"
-    if ctx["C"] // ctx["S"] > TRITON_MAX_CS:
-        return f"channels per segment up to {TRITON_MAX_CS} are supported, got C/S={ctx['C'] // ctx['S']}"
+    if ctx["device"].type == "cuda":
+        tk, common = _triton.kernels("dynamixer"), _triton.kernels("_common")
+        return tk.can_run(ctx["L"], ctx["C"] // ctx["S"], ctx["L"] * ctx["d"], ctx["dtype"],
+                          common.smem_limit(ctx["device"]))
     return None
 
 
