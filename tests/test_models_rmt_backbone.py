@@ -220,10 +220,11 @@ def test_backbone_and_detector_checkpoints_load_strictly(tmp_path):
     detector.update({"neck.lateral_convs.0.conv.weight": torch.randn(8, 16, 1, 1), "rpn_head.rpn_cls.bias": torch.zeros(3)})
     for name, obj in (("plain.pth", sd), ("mmdet.pth", {"meta": {"epoch": 12}, "state_dict": detector})):
         torch.save(obj, tmp_path / name)
-        dst = rmt.load_backbone_checkpoint(rmt.RMT(**tiny_cfg()), tmp_path / name)
+        # the same backend as src: the comparison is bitwise
+        dst = rmt.load_backbone_checkpoint(rmt.RMT(**tiny_cfg(), attn_backend="torch"), tmp_path / name)
         with torch.no_grad():
             assert all(torch.equal(g, w) for g, w in zip(dst.eval()(x), want)), name
-        dst = rmt.RMT(**tiny_cfg())
+        dst = rmt.RMT(**tiny_cfg(), attn_backend="torch")
         dst.init_weights(pretrained=str(tmp_path / name))  # the official mmdet 2.x hook
         with torch.no_grad():
             assert all(torch.equal(g, w) for g, w in zip(dst.eval()(x), want))
@@ -248,7 +249,7 @@ def test_backbone_and_detector_checkpoints_load_strictly(tmp_path):
 
 def test_classification_checkpoint_loads_with_the_head_dropped(tmp_path):
     torch.manual_seed(6)
-    cls = randomized(rmt.rmt_t(num_classes=10)).eval()
+    cls = randomized(rmt.rmt_t(num_classes=10, attn_backend="torch")).eval()  # bb's backend
     torch.save({"model": cls.state_dict(), "epoch": 300}, tmp_path / "rmt_t.pth")  # the official training layout
     bb = models.create_model("rmt_t", features_only=True, pretrained=str(tmp_path / "rmt_t.pth"),
                              attn_backend="torch").eval()

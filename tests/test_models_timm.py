@@ -21,10 +21,11 @@ import pytest
 import torch
 
 import vitattn.models as models
+from vitattn import _env
 
 from _models_util import images, one_thread  # noqa: F401
 
-REQUIRE_TIMM = os.environ.get("VITATTN_TEST_REQUIRE_TIMM") == "1"
+REQUIRE_TIMM = _env.flag("VITATTN_TEST_REQUIRE_TIMM")
 try:
     import timm
     import timm.data

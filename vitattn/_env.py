@@ -21,7 +21,13 @@ VITATTN_NO_EXT             0        build time: do not build the compiled extens
 VITATTN_CUDA_ARCHS         sm_80;sm_90  build time: CUDA architectures of vitattn._C
 VITATTN_COMPILE_CHECK      0        tests: also compile the Triton kernels offline for
                                     sm_80/sm_90a (minutes)
+VITATTN_COMPILE_MODELS     (all)    tests: with VITATTN_COMPILE_CHECK, the comma-separated
+                                    models whose kernel shapes are compiled
+VITATTN_COMPILE_REPORT     (unset)  tests: with VITATTN_COMPILE_CHECK, a file that receives the
+                                    compile report (a table)
 VITATTN_SLOW_TESTS         0        tests: run the long-running tests too
+VITATTN_TEST_REQUIRE_TIMM  0        tests: a missing or broken timm fails the timm tests
+                                    instead of skipping them (CI's timm environment)
 =========================  =======  =========================================================
 
 ``TRITON_INTERPRET`` (Triton's own) is read here too: set to 1 before vitattn is imported,
@@ -44,7 +50,10 @@ VARIABLES: Dict[str, Tuple[str, str]] = {
     "VITATTN_NO_EXT": ("0", "build time: skip the compiled extension vitattn._C"),
     "VITATTN_CUDA_ARCHS": ("sm_80;sm_90", "build time: CUDA architectures of vitattn._C"),
     "VITATTN_COMPILE_CHECK": ("0", "tests: compile the Triton kernels offline for sm_80/sm_90a"),
+    "VITATTN_COMPILE_MODELS": ("", "tests: the models the full compile check covers (default: all)"),
+    "VITATTN_COMPILE_REPORT": ("", "tests: file for the full compile check's report table"),
     "VITATTN_SLOW_TESTS": ("0", "tests: run the long-running tests"),
+    "VITATTN_TEST_REQUIRE_TIMM": ("0", "tests: a missing timm fails the timm tests instead of skipping"),
     "TRITON_INTERPRET": ("0", "Triton's: run the Triton kernels on CPU tensors (set before import)"),
 }
 

@@ -37,6 +37,7 @@ class _InverseSqrtPSD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         vec, s = ctx.saved_tensors
+        grad = grad.to(vec.dtype)
         grad = (grad + grad.mT) / 2
         # divided differences of l -> l^(-1/2) between eigenvalues (the derivative on the diagonal)
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
@@ -57,7 +58,9 @@ def inverse_sqrt_psd(a: Tensor, eps: float = 1e-3) -> Tensor:
         raise ValueError(f"inverse_sqrt_psd: eps must be a number > 0, got {eps!r}")
     # eigh in fp32 at least (half precision has no eigensolver and too little precision)
     work = a if a.dtype in (torch.float32, torch.float64) else a.float()
-    out = _InverseSqrtPSD.apply((work + work.mT) / 2, float(eps))
+    # autocast would run the products in bf16/fp16: keep the whole solve in the working dtype
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        out = _InverseSqrtPSD.apply((work + work.mT) / 2, float(eps))
     return out.to(a.dtype)
 
 
