@@ -1,44 +1,71 @@
 """Benchmark: vitattn.dynamixer against the official DynaMixerOp mixing, eager and torch.compile'd.
 
-Shapes are the DynaMixer-S/M/L stage shapes of the issue, batch 128, on a (B, H, W, C) grid
-with H = W = L: axis "w" mixes along W (rows of the grid), axis "h" along H (the official
-block permutes and copies for it; vitattn reads a transposed view). The ``out`` projection
-is left out of both sides (it is the same nn.Linear either way).
+Shapes: the DynaMixer-S/M/L stage shapes at 224^2, batch 8 (vitattn/models/dynamixer.py,
+patch 7 -> a 32x32 grid, 16x16 after the transition): every distinct (L, C, S, d) the models
+run, on a (B, H, W, C) grid with H = W = L. Axis "w" mixes along W (rows of the grid), axis
+"h" along H: the official block permutes and copies for it, vitattn reads the transposed view.
+The ``out`` projection is left out of every method (the same nn.Linear either way).
 
-Columns: fwd_ms and fwd_bwd_ms (median), peak_mib (peak extra memory of one forward+backward),
-saved_x (activation bytes autograd keeps for backward, the input itself included and
-parameters excluded, divided by the input's bytes; eager only), speedup (fwd+bwd vs the eager official op on the same row).
+Methods (role in the report):
+* "vitattn:auto" (auto): backend="auto"; "backend" names what it chose;
+* "vitattn:<backend>" (backend): every backend that can run here by name (cpu, torch; triton on GPU);
+* "naive": the official DynaMixerOp.forward without ``out``, eager (linear, reshape/permute
+  copies, the (B, S, L, L) logits, softmax over dim -2, matmul);
+* "official_compiled" (peer): torch.compile of that same code (the best stock peer; its
+  compile time, first forward+backward plus first inference call, is in compile_s).
 
-    python benchmarks/bench_dynamixer.py            # full (GPU)
-    python benchmarks/bench_dynamixer.py --quick    # small batch, CPU-friendly
+Every method of one shape, axis and thread count is timed in one process with the calls
+alternating (method after method, repeat after repeat); times are medians of wall-clock
+calls. gflops counts the useful work of the op (compress, generate and mix GEMMs; the
+backward twice the forward), not a backend's recomputation; frac_peak divides it by one
+core's fp32 peak times the threads (PEAK_GFLOPS per core, Zen 3 AVX2 FMA: 2 x 8 x 2 flops per
+cycle at about 3 GHz). fwd_x and fwd_bwd_x: speed-up over the naive row of the same shape,
+axis and threads; fwd_x_cpu and fwd_bwd_x_cpu (one thread): the same in CPU time of the
+calling thread (fwd_cpu_ms, fwd_bwd_cpu_ms in the JSON), which leaves out waiting for a core on
+a shared machine. peak_mib: peak memory allocated through PyTorch's CPU allocator during one
+forward+backward (benchmarks/common.py PEAK_MEMORY_METHOD; the kernels' per-thread scratch,
+kept between calls, is not in it).
+
+    python benchmarks/bench_dynamixer.py                    # full (CPU: 1 and 2 threads)
+    python benchmarks/bench_dynamixer.py --quick            # few repeats, one axis, no compile
+    python benchmarks/bench_dynamixer.py --update-ranking   # and rewrite vitattn/ops/dynamixer/measured.json
 """
 
 from __future__ import annotations
 
-import importlib
+import json
+import math
 import os
+import statistics
 import sys
-from typing import Dict, List
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
+from common import bench_device, cli, commit, peak_memory_mb  # noqa: E402
 
-import vitattn  # noqa: E402,F401
+import vitattn  # noqa: E402
 from vitattn import dynamixer  # noqa: E402
+from vitattn.ops.dynamixer import backends as dm_backends  # noqa: E402
 
-dm_mod = importlib.import_module("vitattn.ops.dynamixer.op")  # the module (vitattn may export a function of that name)
-
-# name: (L, C, S, d)
+# (model, stage) label: (L, C, S, d) -- the distinct mixing shapes of the three models at 224^2
 SHAPES = {
-    "DynaMixer-S": (32, 192, 8, 2),
-    "DynaMixer-M": (16, 384, 16, 2),
-    "DynaMixer-L": (32, 256, 8, 8),
+    "S s1": (32, 192, 8, 2),
+    "S s2-4": (16, 384, 16, 2),
+    "M s1-2": (32, 256, 8, 2),
+    "M s3-4": (16, 512, 16, 2),
+    "L s1": (32, 256, 8, 8),
+    "L s2-4": (16, 512, 16, 8),
 }
-COLUMNS = ["shape", "L", "C", "S", "d", "batch", "axis", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "speedup",
-           "peak_mib", "saved_x"]
+BATCH = 8
+PEAK_GFLOPS = 96.0  # one core, fp32 (see the docstring)
+MEASURED_JSON = os.path.join(os.path.dirname(os.path.abspath(dm_backends.__file__)), "measured.json")
+COLUMNS = ["shape", "L", "C", "S", "d", "batch", "axis", "threads", "dtype", "method", "backend", "fwd_ms",
+           "fwd_bwd_ms", "fwd_x", "fwd_bwd_x", "fwd_x_cpu", "fwd_bwd_x_cpu", "gflops", "gflops_fwd_bwd", "frac_peak",
+           "peak_mib", "compile_s"]
 
 
 def official_mix(x, wc, bc, wg, bg, S: int):
@@ -66,6 +93,12 @@ def vitattn_axis(grid, wc, bc, wg, bg, S: int, axis: str, backend: str):
     return dynamixer(grid.transpose(1, 2), wc, bc, wg, bg, S, backend=backend).transpose(1, 2)
 
 
+def useful_gflop(L: int, C: int, S: int, d: int, batch: int) -> float:
+    """Forward GFLOP of one call: compress, generate and mix GEMMs over every row of the grid."""
+    rows, tokens = batch * L, batch * L * L
+    return (2 * tokens * C * S * d + 2 * rows * S * L * L * L * d + 2 * rows * S * L * L * (C // S)) / 1e9
+
+
 def _inputs(L, C, S, d, batch, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
@@ -75,63 +108,193 @@ def _inputs(L, C, S, d, batch, dtype, device):
     return grid, [p.requires_grad_(True) for p in params]
 
 
-def _impls(quick: bool, device: torch.device, ctx: dict):
-    out = [("official eager", official_axis, True)]
-    compiled = torch.compile(official_axis, dynamic=False)
-    out.append(("official compiled", compiled, False))
-    for backend in ("triton", "torch"):
-        why = dm_mod.dispatcher.reason(backend, ctx, auto=True)
-        if why is None:
-            out.append((f"vitattn {backend}", lambda *a, _b=backend: vitattn_axis(*a, backend=_b), True))
+def _methods(device: torch.device, ctx: dict, compile_peer: bool):
+    """[(method, role, backend, fn(grid, *params, S, axis))] for one shape."""
+    chosen = dm_backends.dispatcher.explain(ctx).chosen
+    out = [("vitattn:auto", "auto", chosen, lambda *a: vitattn_axis(*a, backend="auto"))]
+    for name in dm_backends.NAMES[1:]:
+        if dm_backends.dispatcher.reason(name, ctx, auto=False) is None and not (
+                name == "triton" and device.type == "cpu"):  # the interpreter is a testing tool
+            out.append((f"vitattn:{name}", "backend", name, lambda *a, _b=name: vitattn_axis(*a, backend=_b)))
+    out.append(("naive", "naive", None, official_axis))
+    if compile_peer:
+        out.append(("official_compiled", "peer", None, torch.compile(official_axis, dynamic=False)))
     return out
 
 
-def run(quick: bool, device) -> List[Dict]:
+def _time_alternating(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_time: float
+                      ) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Median wall time and median CPU time of the calling thread (ms) of each call, the calls
+    alternating within every repeat. With one intra-op thread the CPU time leaves out the time
+    the thread waited for a core: on a shared machine it is the steadier of the two."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall: Dict[str, List[float]] = {k: [] for k in calls}
+    cpu: Dict[str, List[float]] = {k: [] for k in calls}
+    start = time.perf_counter()
+    while min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time:
+        for k, fn in calls.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[k].append((time.thread_time() - c0) * 1e3)
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+        if len(next(iter(wall.values()))) >= 200:
+            break
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Optional[List[str]] = None,
+        progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
     device = bench_device(device)
     on_gpu = device.type == "cuda"
-    batch = 128 if not quick else (8 if on_gpu else 1)
-    dtypes = [torch.float16, torch.float32] if on_gpu else [torch.float32]
-    axes = ("w", "h") if not quick else ("h",)
-    reps = dict(warmup=1, repeats=2) if quick else dict(warmup=3, repeats=10, min_time=0.2)
+    thread_counts = [None] if on_gpu else (threads or ([1] if quick else [1, 2]))
+    dtype = torch.float32
+    axes = ("h",) if quick else ("w", "h")
+    reps = dict(warmup=1, repeats=3, min_time=0.0) if quick else dict(warmup=2, repeats=9, min_time=1.0)
+    compile_peer = not quick
     rows: List[Dict] = []
-    for name, (L, C, S, d) in SHAPES.items():
-        for dtype in dtypes:
-            grid, params = _inputs(L, C, S, d, batch, dtype, device)
-            dy = torch.randn_like(grid)
-            ctx = dict(device=device, dtype=dtype, L=L, C=C, S=S, d=d)
-            impls = _impls(quick, device, ctx)
-            for axis in axes:
-                base = None
-                for impl, fn, eager in impls:
-                    if quick and not on_gpu and impl == "official compiled" and name != "DynaMixer-S":
-                        continue  # compiling is slow on a shared CPU: one shape is enough to show it
+    for label, (L, C, S, d) in SHAPES.items():
+        if shapes and label not in shapes:
+            continue
+        grid, params = _inputs(L, C, S, d, BATCH, dtype, device)
+        dy = torch.randn_like(grid)
+        ctx = dict(device=device, dtype=dtype, L=L, C=C, S=S, d=d)
+        methods = _methods(device, ctx, compile_peer)
+        gflop = useful_gflop(L, C, S, d, BATCH)
+        compiled: set = set()  # axes the compiled peer has been compiled for
+        for axis in axes:
+            for nthreads in thread_counts:
+                if nthreads is not None:
+                    torch.set_num_threads(nthreads)
+                if progress:
+                    progress(f"{label} axis {axis} threads {nthreads}")
+                fwd, fwd_bwd, compile_s = {}, {}, {}
+                for method, _, _, fn in methods:
                     args = (grid, *params, S, axis)
 
-                    def fwd():
+                    def f(fn=fn, args=args):
                         with torch.no_grad():
                             return fn(*args)
 
-                    def fwd_bwd():
-                        y = fn(*args)
-                        torch.autograd.grad(y, [grid, *params], dy)
+                    def fb(fn=fn, args=args):
+                        torch.autograd.grad(fn(*args), [grid, *params], dy)
 
-                    row = dict(shape=name, L=L, C=C, S=S, d=d, batch=batch, axis=axis,
-                               dtype=str(dtype).replace("torch.", ""), impl=impl)
-                    row["fwd_ms"] = time_fn(fwd, device, **reps)
-                    row["fwd_bwd_ms"] = time_fn(fwd_bwd, device, **reps)
-                    row["peak_mib"] = peak_memory_mb(fwd_bwd, device)
-                    row["saved_x"] = saved_bytes(lambda: fn(*args), params) / (grid.numel() * grid.element_size()) if eager else None
-                    if impl == "official eager":
-                        base = row["fwd_bwd_ms"]
-                    row["speedup"] = base / row["fwd_bwd_ms"] if base else None
+                    if method == "official_compiled" and axis not in compiled:
+                        t0 = time.perf_counter()  # first calls: tracing and compiling, both graphs
+                        fb()
+                        f()
+                        compile_s[method] = time.perf_counter() - t0
+                        compiled.add(axis)
+                    fwd[method], fwd_bwd[method] = f, fb
+                t_f, c_f = _time_alternating(fwd, **reps)
+                t_fb, c_fb = _time_alternating(fwd_bwd, **reps)
+                for method, role, backend, _ in methods:
+                    row = dict(shape=label, L=L, C=C, S=S, d=d, batch=BATCH, axis=axis,
+                               threads=nthreads if nthreads is not None else "", dtype="float32",
+                               method=method, role=role, backend=backend, tokens=L * L,
+                               fwd_ms=t_f[method], fwd_bwd_ms=t_fb[method])
+                    row["fwd_x"] = t_f["naive"] / t_f[method]
+                    row["fwd_bwd_x"] = t_fb["naive"] / t_fb[method]
+                    if nthreads == 1:  # the same ratios in thread CPU time (see _time_alternating)
+                        row["fwd_cpu_ms"], row["fwd_bwd_cpu_ms"] = c_f[method], c_fb[method]
+                        row["fwd_x_cpu"] = c_f["naive"] / c_f[method]
+                        row["fwd_bwd_x_cpu"] = c_fb["naive"] / c_fb[method]
+                    row["gflops"] = gflop / (t_f[method] / 1e3)
+                    row["gflops_fwd_bwd"] = 3 * gflop / (t_fb[method] / 1e3)
+                    if not on_gpu:
+                        row["frac_peak"] = row["gflops"] / (PEAK_GFLOPS * nthreads)
+                    row["peak_mib"] = peak_memory_mb(fwd_bwd[method], device)
+                    row["compile_s"] = compile_s.get(method)
                     rows.append(row)
-                    print(f"{name} {row['dtype']} {axis} {impl}: fwd {row['fwd_ms']:.2f} ms, "
-                          f"fwd+bwd {row['fwd_bwd_ms']:.2f} ms, saved_x {row['saved_x']}", flush=True)
+                    print(f"{label} {axis} t{nthreads} {method}: fwd {row['fwd_ms']:.2f} ms ({row['fwd_x']:.2f}x), "
+                          f"fwd+bwd {row['fwd_bwd_ms']:.2f} ms ({row['fwd_bwd_x']:.2f}x), "
+                          f"{row['gflops']:.1f} GFLOP/s, peak {row['peak_mib']:.1f} MiB", flush=True)
+    if not on_gpu:
+        torch.set_num_threads(1)
     return rows
 
 
+def _geomean(xs: List[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def summary(rows: List[Dict], device: torch.device) -> str:
+    """The issue's goals, per thread count: forward and forward+backward speed-ups over the
+    naive code (geometric mean and minimum over shapes and axes) of vitattn:auto, and the
+    2-thread over 1-thread speed-up."""
+    auto = [r for r in rows if r["method"] == "vitattn:auto"]
+    if not auto:
+        return ""
+    out = ["", "## Summary (vitattn:auto vs naive, fp32)", "",
+           "| threads | time | fwd geomean | fwd min | fwd+bwd geomean | fwd+bwd min |", "|---|---|---|---|---|---|"]
+    for t in sorted({r["threads"] for r in auto}, key=str):
+        sel = [r for r in auto if r["threads"] == t]
+        for clock, suffix in (("wall", ""), ("thread CPU", "_cpu")):
+            if not all(f"fwd_x{suffix}" in r for r in sel):
+                continue
+            f, fb = [r[f"fwd_x{suffix}"] for r in sel], [r[f"fwd_bwd_x{suffix}"] for r in sel]
+            out.append(f"| {t} | {clock} | {_geomean(f):.2f} | {min(f):.2f} | {_geomean(fb):.2f} | {min(fb):.2f} |")
+    one = {(r["shape"], r["axis"]): r for r in auto if r["threads"] == 1}
+    two = {(r["shape"], r["axis"]): r for r in auto if r["threads"] == 2}
+    if one and two:
+        keys = [k for k in one if k in two]
+        sf = [one[k]["fwd_ms"] / two[k]["fwd_ms"] for k in keys]
+        sfb = [one[k]["fwd_bwd_ms"] / two[k]["fwd_bwd_ms"] for k in keys]
+        out += ["", f"2 threads over 1 (vitattn:auto): forward geomean {_geomean(sf):.2f} (min {min(sf):.2f}), "
+                    f"forward+backward geomean {_geomean(sfb):.2f} (min {min(sfb):.2f})"]
+    return "\n".join(out) + "\n"
+
+
+def update_ranking(rows: List[Dict], command: str) -> Dict:
+    """measured.json for "auto": per shape class (backends.shape_class), the backends that ran
+    by name, fastest first by the geometric mean of fwd_ms x fwd_bwd_ms over that class's
+    rows at one thread."""
+    table: Dict[str, Dict[str, List[float]]] = {}
+    for r in rows:
+        if r["role"] != "backend" or r["threads"] not in (1, ""):
+            continue
+        cls = dm_backends.shape_class(dict(L=r["L"]))
+        table.setdefault(cls, {}).setdefault(r["backend"], []).append(math.sqrt(r["fwd_ms"] * r["fwd_bwd_ms"]))
+    device_type = "cpu" if any(r["threads"] != "" for r in rows) else "cuda"
+    ranking = {cls: sorted(times, key=lambda b: _geomean(times[b])) for cls, times in sorted(table.items())}
+    data = {}
+    if os.path.exists(MEASURED_JSON):
+        with open(MEASURED_JSON) as f:
+            data = json.load(f)
+    data[device_type] = ranking
+    data["source"] = (f"benchmarks/results/bench_dynamixer.md: `{command}` at {commit()} (fp32, batch {BATCH}, "
+                      "one thread; fastest first by the geometric mean of forward and forward+backward times)")
+    with open(MEASURED_JSON, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return data
+
+
+def _options(ap) -> None:
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
+    ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="a subset of the shapes")
+    ap.add_argument("--update-ranking", action="store_true",
+                    help=f"rewrite {os.path.relpath(MEASURED_JSON)} from this run ('auto' order per shape class)")
+
+
 def main() -> None:
-    cli("bench_dynamixer", run, COLUMNS, __doc__, quick_help="small batch, few repeats (CPU-friendly)")
+    state: Dict = {}
+
+    def appendix(rows, device):
+        text = summary(rows, device)
+        if state.get("update"):
+            data = update_ranking(rows, state["command"])
+            text += f"\nmeasured.json rewritten: {json.dumps({k: v for k, v in data.items() if k != 'source'})}\n"
+        return text
+
+    def kwargs(args):
+        state["update"] = args.update_ranking
+        state["command"] = "python benchmarks/bench_dynamixer.py" + (" --quick" if args.quick else "")
+        return dict(threads=args.threads, shapes=args.shapes)
+
+    cli("bench_dynamixer", run, COLUMNS, __doc__, quick_help="few repeats, one axis, one thread, no compile",
+        options=_options, run_kwargs=kwargs, appendix=appendix)
 
 
 if __name__ == "__main__":

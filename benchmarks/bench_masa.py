@@ -1,64 +1,97 @@
-"""MaSA benchmark: every vitattn backend against the RMT-style reference, SDPA with a
-materialised float mask, and compiled FlexAttention with the Manhattan score_mod.
+"""Benchmark: vitattn.masa (RMT's Manhattan self-attention) against the naive dense code,
+SDPA and FlexAttention, at the RMT-S stage shapes.
 
-    python benchmarks/bench_masa.py [--quick] [--device cuda|cpu] [--dtype bf16|fp16|fp32]
+Shapes (224^2 input, batch 8 on CPU; RMT-S: embed dims 64/128/256/512, heads 4/4/8/16,
+stages 1-3 decomposed, stage 4 full), plus a full-form 28 x 28 grid and the detection
+backbone's stage 4 (800 x 1344 input: a 25 x 42 grid):
+  RMT-S s1   decomposed 56 x 56, B 8, 4 heads, d 16
+  RMT-S s2   decomposed 28 x 28, B 8, 4 heads, d 32
+  RMT-S s3   decomposed and full 14 x 14, B 8, 8 heads, d 32
+  RMT-S s4   full 7 x 7, B 8, 16 heads, d 32
+  full 28    full 28 x 28, B 2, 8 heads, d 32
+  det s4     full 25 x 42, B 1, 16 heads, d 32
 
-Forward and forward+backward time (median ms) and the peak extra memory of one
-forward+backward (MiB). Writes benchmarks/results/bench_masa.{md,json}.
+Methods, all on the same (B, heads, H, W, d) q, k, v (fp32 on CPU) and per-head gamma:
+* rmt_reference (role "naive", the baseline of every speed-up): the official RMT code's
+  math -- the (heads, N, N) decay mask materialised, logits = q k^T + mask, softmax, @ v (for
+  the decomposed form along W, then along H over the result);
+* sdpa_float_mask (peer): F.scaled_dot_product_attention with that float mask;
+* sdpa_no_bias (bound): SDPA without any bias (the same passes, no decay): PyTorch's CPU flash
+  kernel, the floor for what the decay may cost;
+* flex_attention_compiled (peer): torch.compile(flex_attention) with the Manhattan score_mod,
+  forward only on CPU (PyTorch has no CPU backward for it: n/a with the reason);
+* vitattn:auto (backend="auto", the backend it chose in "backend") and vitattn:<backend> for
+  each vitattn backend that runs on the device ("cpu": the C++ kernels; "torch").
+
+Timing: per shape and thread count the methods' calls alternate in one process (a round
+calls each method once); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
+no_grad; forward+backward = autograd.grad of q, k, v), fwd_cpu_ms / fwd_bwd_cpu_ms the medians
+of the process CPU time of the same calls. GFLOP/s count the model FLOPs, 2 N_keys (d + dv) per
+query row and pass, three times that for forward+backward; peak_frac = GFLOP/s / (threads x
+PEAK_GFLOPS_PER_CORE), one Zen 3 core's fp32 peak (2 FMA pipes x 8 lanes x 2 x ~3 GHz).
+fwd_peak_mib / peak_mib: allocator peak of one forward / forward+backward (benchmarks/common.py
+PEAK_MEMORY_METHOD). vs_naive_* / vs_sdpa_* / vs_nobias_*: that method's time / this row's time;
+speedup_2t: the same method's 1-thread time / its 2-thread time.
+
+    python benchmarks/bench_masa.py                      # CPU: batch 8, 1 and 2 threads
+    python benchmarks/bench_masa.py --quick              # small batch, few repeats
+    python benchmarks/bench_masa.py --update-ranking     # also write vitattn/ops/masa/measured.json
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 import sys
-from typing import Callable, Dict, List, Optional
+import time
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench_device, cli, commit, mark_unavailable, peak_memory_mb, sync  # noqa: E402
 
 import vitattn  # noqa: E402
-from vitattn.ops.masa.backends import dispatcher as masa_dispatcher  # noqa: E402
+from vitattn.ops.masa import backends as masa_backends  # noqa: E402
 from vitattn.ops.masa.reference import axis_distance, manhattan_distance  # noqa: E402
-from benchmarks.common import bench_device, cli, peak_memory_mb, time_fn  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COLUMNS = ["form", "B", "heads", "H", "W", "N", "d", "dtype", "method", "fwd_ms", "fwd_bwd_ms", "peak_mib", "note"]
+PEAK_GFLOPS_PER_CORE = 96.0
+COLUMNS = ["shape", "form", "B", "heads", "H", "W", "d", "threads", "method", "backend", "fwd_ms", "fwd_bwd_ms",
+           "vs_naive_fwd", "vs_naive_fwd_bwd", "vs_nobias_fwd", "fwd_gflops", "fwd_peak_frac", "fwd_bwd_gflops",
+           "speedup_2t", "fwd_peak_mib", "peak_mib", "fwd_cpu_ms", "fwd_bwd_cpu_ms"]
+MEASURED_JSON = os.path.join(os.path.dirname(masa_backends.__file__), "measured.json")
+
+# name: (form, B, heads, H, W, d) on CPU
+CPU_SHAPES = {
+    "RMT-S s1": ("decomposed", 8, 4, 56, 56, 16),
+    "RMT-S s2": ("decomposed", 8, 4, 28, 28, 32),
+    "RMT-S s3": ("decomposed", 8, 8, 14, 14, 32),
+    "RMT-S s3 full": ("full", 8, 8, 14, 14, 32),
+    "RMT-S s4": ("full", 8, 16, 7, 7, 32),
+    "full 28": ("full", 2, 8, 28, 28, 32),
+    "det s4": ("full", 1, 16, 25, 42, 32),
+}
+QUICK_CPU = {"RMT-S s2": ("decomposed", 2, 4, 28, 28, 32), "RMT-S s4": ("full", 2, 16, 7, 7, 32),
+             "full 28": ("full", 1, 8, 28, 28, 32)}
+GPU_SHAPES = {
+    "RMT-S s1": ("decomposed", 128, 4, 56, 56, 16),
+    "RMT-S s2": ("decomposed", 128, 4, 28, 28, 32),
+    "RMT-S s3": ("full", 128, 8, 14, 14, 32),
+    "RMT-S s4": ("full", 128, 16, 7, 7, 32),
+    "full 28": ("full", 64, 4, 28, 28, 32),
+    "full 56": ("full", 16, 4, 56, 56, 32),
+    "det s1": ("decomposed", 2, 4, 200, 336, 16),
+    "det s3": ("full", 2, 8, 50, 84, 32),
+}
+QUICK_GPU = {"RMT-S s1": ("decomposed", 32, 4, 56, 56, 16), "RMT-S s3": ("full", 32, 8, 14, 14, 32)}
+FLEX_NO_CPU_BACKWARD = "FlexAttention has no backward on CPU in PyTorch (forward only)"
 
 
-def cases(quick: bool, device: torch.device) -> List[Dict]:
-    if device.type == "cuda" and not quick:
-        rmt_s = [  # RMT-S at 224^2: stages 1-2 decomposed, 3-4 full
-            dict(form="decomposed", B=128, heads=4, H=56, W=56, d=16),
-            dict(form="decomposed", B=128, heads=4, H=28, W=28, d=32),
-            dict(form="full", B=128, heads=8, H=14, W=14, d=32),
-            dict(form="full", B=128, heads=16, H=7, W=7, d=32),
-            dict(form="full", B=64, heads=4, H=28, W=28, d=32),
-            dict(form="full", B=32, heads=4, H=32, W=32, d=64),
-            dict(form="full", B=16, heads=4, H=56, W=56, d=32),
-        ]
-        detection = [
-            dict(form="decomposed", B=2, heads=4, H=200, W=336, d=16),
-            dict(form="full", B=2, heads=8, H=50, W=84, d=32),
-        ]
-        return rmt_s + detection
-    if device.type == "cuda":
-        return [dict(form="decomposed", B=32, heads=4, H=56, W=56, d=16),
-                dict(form="full", B=32, heads=8, H=14, W=14, d=32)]
-    if quick:
-        return [dict(form="decomposed", B=2, heads=4, H=28, W=28, d=16),
-                dict(form="full", B=2, heads=8, H=14, W=14, d=32)]
-    return [
-        dict(form="decomposed", B=4, heads=4, H=56, W=56, d=16),
-        dict(form="full", B=4, heads=4, H=28, W=28, d=32),
-        dict(form="full", B=1, heads=4, H=56, W=56, d=32),
-        dict(form="full", B=8, heads=8, H=14, W=14, d=32),
-    ]
-
-
-# ---------------------------------------------------------------- baselines
+# ---------------------------------------------------------------- the compared code
 
 
 def rmt_reference(q, k, v, log_g, decomposed):
@@ -92,35 +125,48 @@ def sdpa_masked(q, k, v, log_g, decomposed):
     return o.transpose(2, 3)
 
 
-def sdpa_no_bias(q, k, v, log_g, decomposed):
-    """Plain attention with no bias at all: the floor for the full form."""
+def sdpa_no_bias(q, k, v, decomposed):
+    """The same passes with no bias at all: SDPA's CPU flash kernel, the floor for the decay's cost."""
     B, h, H, W, d = q.shape
-    o = F.scaled_dot_product_attention(q.reshape(B, h, H * W, d), k.reshape(B, h, H * W, d), v.reshape(B, h, H * W, -1))
-    return o.reshape(B, h, H, W, -1)
+    if not decomposed:
+        o = F.scaled_dot_product_attention(q.reshape(B, h, H * W, d), k.reshape(B, h, H * W, d),
+                                           v.reshape(B, h, H * W, -1))
+        return o.reshape(B, h, H, W, -1)
+    mid = F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), mid.transpose(2, 3)).transpose(2, 3)
 
 
-_FLEX_CACHE: Dict = {}
+_FLEX: Dict[str, Callable] = {}
 
 
 def flex_attention_fn(device) -> Optional[Callable]:
+    """torch.compile(flex_attention) with the Manhattan score_mod, on (B, heads, N, d) problems."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except Exception:
         return None
-    key = device.type
-    if key not in _FLEX_CACHE:
-        _FLEX_CACHE[key] = torch.compile(flex_attention, dynamic=False)
-    compiled = _FLEX_CACHE[key]
+    if device.type not in _FLEX:
+        _FLEX[device.type] = torch.compile(flex_attention, dynamic=False)
+    compiled = _FLEX[device.type]
+
+    def grid(q, k, v, log_g, X):
+        def manhattan(score, b, hh, qi, kj):
+            return score + log_g[hh] * ((qi // X - kj // X).abs() + (qi % X - kj % X).abs())
+
+        return compiled(q, k, v, score_mod=manhattan)
 
     def run(q, k, v, log_g, decomposed):
         B, h, H, W, d = q.shape
-
-        def manhattan(score, b, hh, qi, kj):
-            dist = (qi // W - kj // W).abs() + (qi % W - kj % W).abs()
-            return score + log_g[hh] * dist
-
-        o = compiled(q.reshape(B, h, H * W, d), k.reshape(B, h, H * W, d), v.reshape(B, h, H * W, -1), score_mod=manhattan)
-        return o.reshape(B, h, H, W, -1)
+        if not decomposed:
+            o = grid(q.reshape(B, h, H * W, d), k.reshape(B, h, H * W, d), v.reshape(B, h, H * W, -1), log_g, W)
+            return o.reshape(B, h, H, W, -1)
+        # rows as (B, heads * H) problems of W tokens (head index hh // H), then columns
+        lg_w, lg_h = log_g.repeat_interleave(H), log_g.repeat_interleave(W)
+        flat = lambda t, n: t.reshape(B, h * n, t.shape[-2], t.shape[-1])
+        mid = grid(flat(q, H), flat(k, H), flat(v, H), lg_w, W).reshape(q.shape[:4] + (-1,))
+        qt, kt, mt = (t.transpose(2, 3).contiguous() for t in (q, k, mid))
+        o = grid(flat(qt, W), flat(kt, W), flat(mt, W), lg_h, H)
+        return o.reshape(B, h, W, H, -1).transpose(2, 3)
 
     return run
 
@@ -128,66 +174,243 @@ def flex_attention_fn(device) -> Optional[Callable]:
 # ---------------------------------------------------------------- driver
 
 
-def methods(case: Dict, device: torch.device, dtype: torch.dtype) -> Dict[str, Callable]:
-    decomposed = case["form"] == "decomposed"
-    out: Dict[str, Callable] = {}
-    ctx = dict(device=device, dtype=dtype, d=case["d"], dv=case["d"], H=case["H"], W=case["W"], B=case["B"],
-               heads=case["heads"], decomposed=decomposed)
-    for name, can_run, _ in masa_dispatcher.explain(ctx):
-        if can_run:  # every backend "auto" could pick here (not the Triton interpreter)
-            out[f"vitattn:{name}"] = (lambda be: lambda q, k, v, g: vitattn.masa(q, k, v, g, decomposed=decomposed, backend=be))(name)
-    out["rmt_reference"] = lambda q, k, v, g: rmt_reference(q, k, v, torch.log(g), decomposed)
-    out["sdpa_float_mask"] = lambda q, k, v, g: sdpa_masked(q, k, v, torch.log(g), decomposed)
-    if not decomposed:
-        flex = flex_attention_fn(device)
-        if flex is not None:
-            out["flex_attention_compiled"] = lambda q, k, v, g: flex(q, k, v, torch.log(g), decomposed)
-        out["sdpa_no_bias"] = lambda q, k, v, g: sdpa_no_bias(q, k, v, g, decomposed)
+def model_flops(form: str, B: int, heads: int, H: int, W: int, d: int, dv: int) -> float:
+    """Forward FLOPs of the two GEMMs per pass (2 N_keys (d + dv) per query row)."""
+    if form == "full":
+        return 2.0 * B * heads * (H * W) ** 2 * (d + dv)
+    return 2.0 * B * heads * (H * W) * (W + H) * (d + dv)
+
+
+def alternate(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1):
+    """Median wall and process-CPU milliseconds of each fn, calls alternating round by round
+    (None for an fn that raised in its warm-up call)."""
+    ok = []
+    for fn in fns:
+        try:
+            for _ in range(warmup):
+                fn()
+            ok.append(True)
+        except Exception:
+            ok.append(False)
+    sync(device)
+    wall: List[List[float]] = [[] for _ in fns]
+    cpu: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            if not ok[i]:
+                continue
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            sync(device)
+            wall[i].append((time.perf_counter() - t0) * 1e3)
+            cpu[i].append((time.process_time() - c0) * 1e3)
+    med = lambda xs: statistics.median(xs) if xs else None
+    return [med(w) for w in wall], [med(c) for c in cpu]
+
+
+def _methods(q, k, v, gamma, decomposed, device):
+    """[(method, role, backend, fn(q, k, v), has_backward)] for one shape."""
+    log_g = torch.log(gamma)
+    chosen = vitattn.explain("masa", q, k, v, gamma, decomposed=decomposed).chosen
+    out = [("rmt_reference", "naive", None, lambda q, k, v: rmt_reference(q, k, v, log_g, decomposed), True),
+           ("sdpa_float_mask", "peer", None, lambda q, k, v: sdpa_masked(q, k, v, log_g, decomposed), True),
+           ("sdpa_no_bias", "bound", None, lambda q, k, v: sdpa_no_bias(q, k, v, decomposed), True)]
+    flex = flex_attention_fn(device)
+    if flex is not None:
+        out.append(("flex_attention_compiled", "peer", None, lambda q, k, v: flex(q, k, v, log_g, decomposed),
+                    device.type != "cpu"))
+    out.append(("vitattn:auto", "auto", chosen,
+                lambda q, k, v: vitattn.masa(q, k, v, gamma, decomposed=decomposed), True))
+    ctx = dict(device=device, dtype=q.dtype, d=q.shape[-1], dv=v.shape[-1], H=q.shape[2], W=q.shape[3],
+               B=q.shape[0], heads=q.shape[1], decomposed=decomposed)
+    for name in masa_backends.NAMES[1:]:
+        if masa_backends.dispatcher.reason(name, ctx, auto=True) is None:
+            out.append((f"vitattn:{name}", "backend", name,
+                        lambda q, k, v, _b=name: vitattn.masa(q, k, v, gamma, decomposed=decomposed, backend=_b),
+                        True))
     return out
 
 
-def run(quick: bool = True, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-        progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
-    device = bench_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    repeats = 3 if quick else 10
-    rows = []
-    for case in cases(quick, device):
-        B, h, H, W, d = case["B"], case["heads"], case["H"], case["W"], case["d"]
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(B, h, H, W, d, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-        gamma = torch.tensor([1 - 2 ** (-5 - 4 * i / h) for i in range(h)], device=device)
-        dout = torch.randn_like(q)
-        for name, fn in methods(case, device, dtype).items():
-            if progress:
-                progress(f"masa {case['form']} {H}x{W} {name}")
-            row = dict(case, N=H * W, dtype=str(dtype).replace("torch.", ""), method=name, note="")
-            qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+def run(quick: bool, device, progress: Optional[Callable[[str], None]] = None, dtype: Optional[torch.dtype] = None,
+        threads: Sequence[int] = (1, 2)) -> List[Dict]:
+    device = bench_device(device)
+    on_gpu = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    shapes = (QUICK_GPU if quick else GPU_SHAPES) if on_gpu else (QUICK_CPU if quick else CPU_SHAPES)
+    thread_counts = [None] if on_gpu else ([1] if quick else list(threads))
+    rounds = 3 if quick else 9
+    rows: List[Dict] = []
+    before = torch.get_num_threads()
+    try:
+        for name, (form, B, heads, H, W, d) in shapes.items():
+            decomposed = form == "decomposed"
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(B, heads, H, W, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+                       for _ in range(3))
+            dy = torch.randn(B, heads, H, W, d, generator=g).to(device=device, dtype=dtype)
+            # RMT's per-head decays: 1 - 2^(-5 - 4 i / heads)
+            gamma = torch.tensor([1 - 2 ** (-5 - 4 * i / heads) for i in range(heads)], device=device)
+            flops = model_flops(form, B, heads, H, W, d, d)
+            per_method: Dict[str, Dict[int, Dict]] = {}
+            for nt in thread_counts:
+                if nt is not None:
+                    torch.set_num_threads(nt)
+                if progress is not None:
+                    progress(f"masa {name} {form}" + (f" {nt}t" if nt else ""))
+                methods = _methods(q, k, v, gamma, decomposed, device)
 
-            def fwd():
-                with torch.no_grad():
-                    return fn(q, k, v, gamma)
+                def fwd_of(fn):
+                    def fwd():
+                        with torch.no_grad():
+                            return fn(q, k, v)
+                    return fwd
 
-            def fwd_bwd():
-                o = fn(qg, kg, vg, gamma)
-                o.backward(dout)
+                def fwd_bwd_of(fn):
+                    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dy)
 
-            try:
-                row["fwd_ms"] = time_fn(fwd, device, repeats=repeats)
-                row["fwd_bwd_ms"] = time_fn(fwd_bwd, device, repeats=repeats)
-                row["peak_mib"] = peak_memory_mb(fwd_bwd, device)
-            except Exception as exc:  # a baseline that cannot run here is reported, not hidden
-                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
+                fwd_ms, fwd_cpu = alternate([fwd_of(m[3]) for m in methods], device, rounds)
+                with_bwd = [m for m in methods if m[4]]
+                fb_ms, fb_cpu = alternate([fwd_bwd_of(m[3]) for m in with_bwd], device, rounds)
+                fb = {m[0]: (t, c) for m, t, c in zip(with_bwd, fb_ms, fb_cpu)}
+                block = []
+                for i, (method, role, backend, fn, has_bwd) in enumerate(methods):
+                    row = dict(op="masa", shape=name, form=form, B=B, heads=heads, H=H, W=W, d=d, tokens=H * W,
+                               dtype=str(dtype).replace("torch.", ""),
+                               threads=nt if nt is not None else torch.get_num_threads(),
+                               method=method, role=role, backend=backend, fwd_ms=fwd_ms[i], fwd_cpu_ms=fwd_cpu[i])
+                    if fwd_ms[i] is None:
+                        mark_unavailable(row, "failed to run here", "fwd_ms", "fwd_bwd_ms")
+                    elif has_bwd:
+                        row["fwd_bwd_ms"], row["fwd_bwd_cpu_ms"] = fb[method]
+                    else:
+                        mark_unavailable(row, FLEX_NO_CPU_BACKWARD, "fwd_bwd_ms")
+                    if row.get("fwd_ms"):
+                        row["fwd_gflops"] = row["gflops"] = flops / row["fwd_ms"] / 1e6
+                        row["fwd_peak_mib"] = peak_memory_mb(fwd_of(fn), device)
+                    if row.get("fwd_bwd_ms"):
+                        row["fwd_bwd_gflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e6
+                        row["peak_mib"] = peak_memory_mb(fwd_bwd_of(fn), device)
+                    if not on_gpu and nt:
+                        for m in ("fwd", "fwd_bwd"):
+                            if row.get(f"{m}_gflops"):
+                                row[f"{m}_peak_frac"] = row[f"{m}_gflops"] / (nt * PEAK_GFLOPS_PER_CORE)
+                    block.append(row)
+                    per_method.setdefault(method, {})[nt] = row
+                base = {r["method"]: r for r in block}
+                for row in block:
+                    for key, ref in (("naive", "rmt_reference"), ("sdpa", "sdpa_float_mask"),
+                                     ("nobias", "sdpa_no_bias")):
+                        for m in ("fwd", "fwd_bwd"):
+                            a, b = base[ref].get(f"{m}_ms"), row.get(f"{m}_ms")
+                            if a and b:
+                                row[f"vs_{key}_{m}"] = a / b
+                    one = per_method.get(row["method"], {}).get(1)
+                    if nt is not None and nt > 1 and one is not None:
+                        for m, key in (("fwd", "speedup_2t"), ("fwd_bwd", "speedup_2t_fwd_bwd")):
+                            if one.get(f"{m}_ms") and row.get(f"{m}_ms"):
+                                row[key] = one[f"{m}_ms"] / row[f"{m}_ms"]
+                    rows.append(row)
+                    fb_txt = (f"{row['fwd_bwd_ms']:.2f} ms (x{row.get('vs_naive_fwd_bwd', float('nan')):.2f})"
+                              if row.get("fwd_bwd_ms") else "n/a")
+                    fwd_txt = (f"{row['fwd_ms']:.2f} ms (x{row.get('vs_naive_fwd', float('nan')):.2f} naive)"
+                               if row.get("fwd_ms") else "n/a")
+                    print(f"{name} {row['threads']}t {method}: fwd {fwd_txt}, fwd+bwd {fb_txt}", file=sys.stderr,
+                          flush=True)
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
-def main(argv=None):
-    cli("bench_masa", run, COLUMNS, __doc__, argv=argv,
-        options=lambda ap: ap.add_argument("--dtype", default=None, choices=sorted(DTYPES)),
-        run_kwargs=lambda args: dict(dtype=DTYPES.get(args.dtype), progress=lambda s: print(s, file=sys.stderr)))
+def summary(rows: List[Dict], device: torch.device) -> str:
+    """Per thread count: vitattn:auto's speed-ups over the naive code (geometric mean, minimum),
+    the full form against SDPA without bias, and 2 threads against 1."""
+    gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs))
+    out = ["", "## vitattn:auto against the naive code (speed-up = naive time / auto time)", "",
+           "| threads | dtype | fwd geomean | fwd min | fwd+bwd geomean | fwd+bwd min | auto's backends |",
+           "|---|---|---|---|---|---|---|"]
+    for nt, dt in sorted({(r["threads"], r["dtype"]) for r in rows}):
+        auto = [r for r in rows if r["role"] == "auto" and r["threads"] == nt and r["dtype"] == dt
+                and r.get("vs_naive_fwd") and r.get("vs_naive_fwd_bwd")]
+        if not auto:
+            continue
+        f = [r["vs_naive_fwd"] for r in auto]
+        b = [r["vs_naive_fwd_bwd"] for r in auto]
+        used = ", ".join(sorted({str(r["backend"]) for r in auto}))
+        out.append(f"| {nt} | {dt} | {gm(f):.2f} | {min(f):.2f} | {gm(b):.2f} | {min(b):.2f} | {used} |")
+    out += ["", "Per shape (vitattn:auto): forward and forward+backward speed-up over the naive code, "
+            "forward against SDPA without bias (>= 1: faster), achieved forward GFLOP/s and fraction of "
+            f"threads x {PEAK_GFLOPS_PER_CORE:.0f} GFLOP/s", "",
+            "| shape | form | threads | backend | fwd ms | x naive fwd | fwd+bwd ms | x naive fwd+bwd | "
+            "x sdpa_no_bias fwd | fwd GFLOP/s | fwd peak frac | x 2 threads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["role"] != "auto":
+            continue
+        fmt = lambda x, p=2: "n/a" if x is None else f"{x:.{p}f}"
+        out.append(f"| {r['shape']} | {r['form']} | {r['threads']} | {r['backend']} | {fmt(r.get('fwd_ms'))} | "
+                   f"{fmt(r.get('vs_naive_fwd'))} | {fmt(r.get('fwd_bwd_ms'))} | {fmt(r.get('vs_naive_fwd_bwd'))} | "
+                   f"{fmt(r.get('vs_nobias_fwd'))} | {fmt(r.get('fwd_gflops'), 1)} | "
+                   f"{fmt(r.get('fwd_peak_frac'))} | {fmt(r.get('speedup_2t'))} |")
+    return "\n".join(out) + "\n"
+
+
+def update_ranking(rows: List[Dict], device: torch.device, command: str) -> Dict:
+    """measured.json for this device type: per shape class (backends.shape_class) the vitattn
+    backends ordered by forward+backward time (mean ratio to the fastest over the class's
+    shapes; single-threaded rows where there are any)."""
+    mine = [r for r in rows if r["role"] == "backend" and r.get("fwd_bwd_ms")]
+    if any(r["threads"] == 1 for r in mine):
+        mine = [r for r in mine if r["threads"] == 1]
+    by_shape: Dict[tuple, List[Dict]] = {}
+    for r in mine:
+        by_shape.setdefault((r["shape"], r["form"], r["dtype"]), []).append(r)
+    ratios: Dict[str, Dict[str, List[float]]] = {}
+    for members in by_shape.values():
+        r0 = members[0]
+        cls = masa_backends.shape_class(dict(H=r0["H"], W=r0["W"], decomposed=r0["form"] == "decomposed"))
+        best = min(r["fwd_bwd_ms"] for r in members)
+        for r in members:
+            ratios.setdefault(cls, {}).setdefault(r["backend"], []).append(r["fwd_bwd_ms"] / best)
+    table = {cls: sorted(per, key=lambda b: sum(per[b]) / len(per[b])) for cls, per in sorted(ratios.items())}
+    data: Dict = {}
+    if os.path.exists(MEASURED_JSON):
+        with open(MEASURED_JSON) as f:
+            data = json.load(f)
+    data[device.type] = table
+    sources = data.get("source") if isinstance(data.get("source"), dict) else {}
+    sources[device.type] = (f"benchmarks/results/bench_masa.json: `{command}` at commit {commit()}, vitattn "
+                            "backends ordered by forward+backward median time per shape class (single-threaded rows)")
+    data["source"] = sources
+    with open(MEASURED_JSON, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return data
+
+
+def main(argv=None) -> None:
+    state: Dict[str, object] = {}
+
+    def options(ap):
+        ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+        ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts (CPU)")
+        ap.add_argument("--update-ranking", action="store_true",
+                        help=f"write the per-shape-class backend order of this device type to {MEASURED_JSON}")
+
+    def run_kwargs(args):
+        state["update"] = args.update_ranking
+        return dict(dtype=DTYPES.get(args.dtype), threads=args.threads,
+                    progress=lambda s: print(s, file=sys.stderr, flush=True))
+
+    def appendix(rows, device):
+        text = summary(rows, device)
+        if state.get("update"):
+            cmd = " ".join(["python benchmarks/bench_masa.py"] + sys.argv[1:])
+            data = update_ranking(rows, device, cmd)
+            text += f"\n\"auto\" ranking written to vitattn/ops/masa/measured.json: {json.dumps(data[device.type])}\n"
+        return text
+
+    cli("bench_masa", run, COLUMNS, __doc__, argv=argv, quick_help="small batches, few repeats (CPU-friendly)",
+        options=options, run_kwargs=run_kwargs, appendix=appendix)
 
 
 if __name__ == "__main__":

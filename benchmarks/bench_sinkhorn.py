@@ -1,125 +1,303 @@
-"""Benchmark: vitattn.ot_attention (Sinkhorn OT token mixer) against the dense reference loop,
-eager and torch.compile'd.
+"""Benchmark: vitattn.ot_attention (SeTformer's Sinkhorn OT token mixer) against the naive dense code.
 
-Grid of issue 3: problems P = B*heads in {64, 512} (B = P/8, heads = 8), tokens n in
-{49, 196, 784, 3136}, references m in {16, 64}, iters in {10, 30}, head dim d = dv = 64.
-The reference is vitattn.reference.sinkhorn.ot_attention: one logsumexp pass per
-half-iteration, autograd through every iteration.
+Shapes: the four SeTformer-Mini stages at 224^2, batch 8 (vitattn/models/setformer.py): tokens
+n = 56^2, 28^2, 14^2, 7^2, references m = 8^2, 8^2, 7^2, 4^2, heads 2, 4, 8, 16, head dim 32,
+eps 0.1, 5 iterations, with the model's Gaussian position filter (tau 0.1).
 
-Columns: fwd_ms and fwd_bwd_ms (median), speedup (fwd+bwd against the eager reference on
-the same row), peak_mib (peak extra memory of one forward+backward), saved_mib (what autograd
-keeps for backward, the inputs excluded). A reference that runs out of memory gets "OOM".
+Methods (role in the report):
+* "vitattn:auto" (auto): backend="auto"; "backend" names what it chose;
+* "vitattn:<backend>" (backend): every backend that can run here by name (cpu, torch; triton on GPU);
+* "naive": vitattn.reference.sinkhorn.ot_attention, the dense log-domain loop as OTKE's
+  OTKernel writes it (an (n, m) score matrix, two logsumexps per iteration, autograd through
+  every iteration);
+* "naive_compiled" (peer): torch.compile of that same code (full runs only: inductor needs
+  minutes for the unrolled loop on a 2-core CPU; its compile time is in compile_s);
+* "pot" (peer, forward only): POT's ``ot.sinkhorn(..., method="sinkhorn_log")`` on one problem
+  per call times the problems, when POT is installed.
 
-    python benchmarks/bench_sinkhorn.py            # full grid (GPU)
-    python benchmarks/bench_sinkhorn.py --quick    # a few small shapes, CPU-friendly (< 1 min);
-                                                   # on CPU without the compiled reference
+Every method of one shape and thread count is timed in one process with the calls alternating;
+times are medians of wall-clock calls. gflops counts the op's useful work: the score GEMM
+(2 n m d), two (n, m) exponential passes per iteration counted as 2 n m flops each, and the two
+aggregation GEMMs (2 n m dv each); the backward twice the forward. frac_peak divides it by one
+core's fp32 peak times the threads (PEAK_GFLOPS per core: Zen 3, AVX2 FMA, 2 x 8 x 2 flops per
+cycle at about 3 GHz; the exponentials make the true limit lower). fwd_x and fwd_bwd_x:
+speed-up over the naive row of the same shape and threads; at one thread also in CPU time of
+the calling thread (fwd_x_cpu, fwd_bwd_x_cpu). peak_mib: peak memory allocated through
+PyTorch's CPU allocator during one forward+backward (benchmarks/common.py PEAK_MEMORY_METHOD).
+
+    python benchmarks/bench_sinkhorn.py                    # full (CPU: 1 and 2 threads)
+    python benchmarks/bench_sinkhorn.py --quick            # few repeats, one thread, no compile
+    python benchmarks/bench_sinkhorn.py --update-ranking   # and rewrite vitattn/ops/sinkhorn/measured.json
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import statistics
 import sys
-from typing import Dict, List
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, peak_memory_mb, saved_bytes, time_fn  # noqa: E402
+from common import bench_device, cli, commit, mark_unavailable, peak_memory_mb  # noqa: E402
 
-import importlib  # noqa: E402
+from vitattn import gaussian_filter_2d, ot_attention  # noqa: E402
+from vitattn.ops.sinkhorn import backends as sk_backends  # noqa: E402
+from vitattn.ops.sinkhorn import reference as sk_reference  # noqa: E402
 
-# by import path: vitattn.sinkhorn may be the exported function rather than the module
-sk_mod = importlib.import_module("vitattn.ops.sinkhorn.op")
-ref_mod = importlib.import_module("vitattn.ops.sinkhorn.reference")
-
-COLUMNS = ["problems", "n", "m", "iters", "d", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "speedup", "peak_mib",
-           "saved_mib"]
-HEADS = 8
-
-
-def saved_mib(fn, inputs) -> float:
-    """MiB of the distinct storages autograd saves during fn(), the inputs' own storages excluded."""
-    return saved_bytes(fn, inputs) / 2**20
-
-
-def _grid(quick: bool, on_gpu: bool):
-    if not quick:
-        return [(p, n, m, it) for p in (64, 512) for n in (49, 196, 784, 3136) for m in (16, 64) for it in (10, 30)]
-    if on_gpu:
-        return [(64, 196, 16, 10), (64, 3136, 64, 10)]
-    return [(8, 49, 16, 10), (8, 196, 16, 10)]
+# label: (heads, n side, m side) of SeTformer-Mini at 224^2; head dim 32 everywhere
+SHAPES = {
+    "Mini s1": (2, 56, 8),
+    "Mini s2": (4, 28, 8),
+    "Mini s3": (8, 14, 7),
+    "Mini s4": (16, 7, 4),
+}
+BATCH, HEAD_DIM, EPS, ITERS, TAU = 8, 32, 0.1, 5, 0.1
+PEAK_GFLOPS = 96.0  # one core, fp32 (see the docstring)
+MEASURED_JSON = os.path.join(os.path.dirname(os.path.abspath(sk_backends.__file__)), "measured.json")
+COLUMNS = ["shape", "heads", "n", "m", "d", "iters", "batch", "threads", "dtype", "method", "backend", "fwd_ms",
+           "fwd_bwd_ms", "fwd_x", "fwd_bwd_x", "fwd_x_cpu", "fwd_bwd_x_cpu", "gflops", "gflops_fwd_bwd", "frac_peak",
+           "peak_mib", "compile_s"]
 
 
-def _impls(device: torch.device, dtype: torch.dtype, n: int, m: int, d: int, with_compiled: bool):
-    ref = lambda x, r, v, eps, iters: ref_mod.ot_attention(x, r, v, eps=eps, iters=iters)
-    out = [("reference eager", ref)]
-    if with_compiled:
-        out.append(("reference compiled", torch.compile(ref, dynamic=False)))
-    ctx = dict(device=device, dtype=dtype, n=n, m=m, d=d, dv=d)
-    for backend in ("triton", "torch"):
-        if sk_mod.dispatcher.reason(backend, ctx, auto=True) is None:
-            out.append((f"vitattn {backend}", lambda x, r, v, eps, iters, _b=backend:
-                        sk_mod.ot_attention(x, r, v, eps=eps, iters=iters, backend=_b)))
+def useful_gflop(problems: int, n: int, m: int, d: int, iters: int) -> float:
+    """Forward GFLOP of one call (see the docstring)."""
+    return problems * (2 * n * m * d + 2 * iters * 2 * n * m + 2 * 2 * n * m * d) / 1e9
+
+
+def naive(x, ref, v, filt):
+    return sk_reference.ot_attention(x, ref, v, eps=EPS, iters=ITERS, pos_filter=filt)
+
+
+def _pot():
+    try:
+        import ot  # noqa: F401
+        return ot
+    except Exception:
+        return None
+
+
+def _methods(device: torch.device, ctx: dict, compile_peer: bool):
+    """[(method, role, backend, fn(x, ref, v, filt))] for one shape."""
+    chosen = sk_backends.dispatcher.explain(ctx).chosen
+    out = [("vitattn:auto", "auto", chosen,
+            lambda x, r, v, f: ot_attention(x, r, v, eps=EPS, iters=ITERS, pos_filter=f, backend="auto"))]
+    for name in sk_backends.NAMES[1:]:
+        if sk_backends.dispatcher.reason(name, ctx, auto=False) is None and not (
+                name == "triton" and device.type == "cpu"):  # the interpreter is a testing tool
+            out.append((f"vitattn:{name}", "backend", name,
+                        lambda x, r, v, f, _b=name: ot_attention(x, r, v, eps=EPS, iters=ITERS, pos_filter=f,
+                                                                 backend=_b)))
+    out.append(("naive", "naive", None, naive))
+    if compile_peer:
+        out.append(("naive_compiled", "peer", None, torch.compile(naive, dynamic=False)))
     return out
 
 
-def run(quick: bool, device) -> List[Dict]:
+def _pot_forward(ot, x, ref, filt):
+    """POT's log-domain Sinkhorn on every problem of the call, one problem at a time (its API
+    takes one cost matrix), on the same scores and marginals; the aggregation GEMMs added."""
+    n, m = x.shape[-2], ref.shape[-2]
+    a = torch.full((n,), 1.0 / n, dtype=x.dtype)
+    b = torch.full((m,), 1.0 / m, dtype=x.dtype)
+    out = []
+    with torch.no_grad():
+        scores = (x @ ref.transpose(-1, -2)) * filt
+        for s in scores.reshape(-1, n, m):
+            out.append(ot.sinkhorn(a, b, -s, EPS, method="sinkhorn_log", numItermax=ITERS, stopThr=0.0))
+    return out
+
+
+def _time_alternating(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_time: float
+                      ) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Median wall time and median CPU time of the calling thread (ms) of each call, the calls
+    alternating within every repeat."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall: Dict[str, List[float]] = {k: [] for k in calls}
+    cpu: Dict[str, List[float]] = {k: [] for k in calls}
+    start = time.perf_counter()
+    while min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time:
+        for k, fn in calls.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[k].append((time.thread_time() - c0) * 1e3)
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+        if len(next(iter(wall.values()))) >= 200:
+            break
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def _inputs(heads: int, n: int, m: int, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)
+    x = unit(BATCH, heads, n, HEAD_DIM).to(device=device, dtype=dtype).requires_grad_(True)
+    ref = unit(heads, m, HEAD_DIM).to(device=device, dtype=dtype).requires_grad_(True)
+    v = torch.randn(BATCH, heads, n, HEAD_DIM, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    return x, ref, v
+
+
+def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Optional[List[str]] = None,
+        progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
     device = bench_device(device)
     on_gpu = device.type == "cuda"
-    d = 64
-    dtypes = [torch.float16, torch.float32] if on_gpu and not quick else [torch.float32]
-    reps = dict(warmup=1, repeats=3) if quick else dict(warmup=3, repeats=10, min_time=0.2)
+    thread_counts = [None] if on_gpu else (threads or ([1] if quick else [1, 2]))
+    dtype = torch.float32
+    reps = dict(warmup=1, repeats=3, min_time=0.0) if quick else dict(warmup=2, repeats=9, min_time=1.0)
+    pot = None if quick else _pot()
     rows: List[Dict] = []
-    for problems, n, m, iters in _grid(quick, on_gpu):
-        for dtype in dtypes:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            B = problems // HEADS
-            mk = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.25).to(device=device, dtype=dtype)
-            x = mk(B, HEADS, n, d).requires_grad_()
-            r = mk(HEADS, m, d).requires_grad_()
-            v = mk(B, HEADS, n, d).requires_grad_()
-            dy = torch.randn(B, HEADS, n, d, generator=g).to(device=device, dtype=dtype)
-            eps = 0.1
-            # inductor needs minutes to compile the unrolled loop on this shared 2-core CPU:
-            # the quick CPU run leaves the compiled reference out
-            with_compiled = on_gpu or not quick
-            base = None
-            for impl, fn in _impls(device, dtype, n, m, d, with_compiled):
-                row = dict(problems=problems, n=n, m=m, iters=iters, d=d, dtype=str(dtype).replace("torch.", ""),
-                           impl=impl)
+    for label, (heads, side, mside) in SHAPES.items():
+        if shapes and label not in shapes:
+            continue
+        n, m = side * side, mside * mside
+        x, ref, v = _inputs(heads, n, m, dtype, device)
+        filt = gaussian_filter_2d(side, side, m, sigma=TAU, device=device)
+        dy = torch.randn_like(v)
+        ctx = dict(device=device, dtype=dtype, kind="ot_attention", n=n, m=m, d=HEAD_DIM, dv=HEAD_DIM)
+        methods = _methods(device, ctx, compile_peer=not quick)
+        gflop = useful_gflop(BATCH * heads, n, m, HEAD_DIM, ITERS)
+        compiled = False
+        for nthreads in thread_counts:
+            if nthreads is not None:
+                torch.set_num_threads(nthreads)
+            if progress:
+                progress(f"{label} threads {nthreads}")
+            fwd, fwd_bwd, compile_s = {}, {}, {}
+            for method, _, _, fn in methods:
 
-                def fwd():
+                def f(fn=fn):
                     with torch.no_grad():
-                        return fn(x, r, v, eps, iters)
+                        return fn(x, ref, v, filt)
 
-                def fwd_bwd():
-                    y = fn(x, r, v, eps, iters)
-                    torch.autograd.grad(y, (x, r, v), dy)
+                def fb(fn=fn):
+                    torch.autograd.grad(fn(x, ref, v, filt), (x, ref, v), dy)
 
-                try:
-                    row["fwd_ms"] = time_fn(fwd, device, **reps)
-                    row["fwd_bwd_ms"] = time_fn(fwd_bwd, device, **reps)
-                    row["peak_mib"] = peak_memory_mb(fwd_bwd, device)
-                    if impl != "reference compiled":
-                        row["saved_mib"] = saved_mib(lambda: fn(x, r, v, eps, iters), (x, r, v))
-                except torch.OutOfMemoryError:
-                    row.update(fwd_ms="OOM", fwd_bwd_ms="OOM")
-                    if on_gpu:
-                        torch.cuda.empty_cache()
-                if impl == "reference eager" and isinstance(row.get("fwd_bwd_ms"), float):
-                    base = row["fwd_bwd_ms"]
-                if base and isinstance(row.get("fwd_bwd_ms"), float):
-                    row["speedup"] = base / row["fwd_bwd_ms"]
+                if method == "naive_compiled" and not compiled:
+                    t0 = time.perf_counter()  # first calls: tracing and compiling both graphs
+                    fb()
+                    f()
+                    compile_s[method] = time.perf_counter() - t0
+                    compiled = True
+                fwd[method], fwd_bwd[method] = f, fb
+            if pot is not None and not on_gpu:
+                fwd["pot"] = lambda: _pot_forward(pot, x.detach(), ref.detach(), filt)
+            t_f, c_f = _time_alternating(fwd, **reps)
+            t_fb, c_fb = _time_alternating(fwd_bwd, **reps)
+            entries = [(mt, role, be) for mt, role, be, _ in methods] + ([("pot", "peer", None)] if "pot" in fwd else [])
+            for method, role, backend in entries:
+                row = dict(shape=label, heads=heads, n=n, m=m, d=HEAD_DIM, iters=ITERS, batch=BATCH,
+                           threads=nthreads if nthreads is not None else "", dtype="float32",
+                           method=method, role=role, backend=backend, tokens=n, fwd_ms=t_f[method])
+                row["fwd_x"] = t_f["naive"] / t_f[method]
+                row["gflops"] = gflop / (t_f[method] / 1e3)
+                if not on_gpu:
+                    row["frac_peak"] = row["gflops"] / (PEAK_GFLOPS * nthreads)
+                if nthreads == 1:
+                    row["fwd_cpu_ms"] = c_f[method]
+                    row["fwd_x_cpu"] = c_f["naive"] / c_f[method]
+                if method in t_fb:
+                    row["fwd_bwd_ms"] = t_fb[method]
+                    row["fwd_bwd_x"] = t_fb["naive"] / t_fb[method]
+                    row["gflops_fwd_bwd"] = 3 * gflop / (t_fb[method] / 1e3)
+                    if nthreads == 1:
+                        row["fwd_bwd_cpu_ms"] = c_fb[method]
+                        row["fwd_bwd_x_cpu"] = c_fb["naive"] / c_fb[method]
+                    row["peak_mib"] = peak_memory_mb(fwd_bwd[method], device)
+                    row["compile_s"] = compile_s.get(method)
+                else:
+                    mark_unavailable(row, "POT's Sinkhorn is timed forward only (one problem per call, no autograd)",
+                                     "fwd_bwd_ms", "fwd_bwd_x", "peak_mib")
                 rows.append(row)
-                print(f"P={problems} n={n} m={m} iters={iters} {row['dtype']} {impl}: fwd {row.get('fwd_ms')} ms, "
-                      f"fwd+bwd {row.get('fwd_bwd_ms')} ms, saved {row.get('saved_mib')} MiB", flush=True)
-            if on_gpu:
-                torch._dynamo.reset()  # fresh compile cache per shape (no recompile limit)
+                print(f"{label} t{nthreads} {method}: fwd {row['fwd_ms']:.2f} ms ({row['fwd_x']:.2f}x), "
+                      f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):.2f} ms "
+                      f"({row.get('fwd_bwd_x', float('nan')):.2f}x), {row['gflops']:.1f} GFLOP/s", flush=True)
+    if not on_gpu:
+        torch.set_num_threads(1)
     return rows
 
 
+def _geomean(xs: List[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def summary(rows: List[Dict], device: torch.device) -> str:
+    """Per thread count: forward and forward+backward speed-ups of vitattn:auto over the naive
+    code (geometric mean and minimum over the shapes), and 2 threads over 1."""
+    auto = [r for r in rows if r["method"] == "vitattn:auto"]
+    if not auto:
+        return ""
+    out = ["", "## Summary (vitattn:auto vs naive, fp32)", "",
+           "| threads | time | fwd geomean | fwd min | fwd+bwd geomean | fwd+bwd min |", "|---|---|---|---|---|---|"]
+    for t in sorted({r["threads"] for r in auto}, key=str):
+        sel = [r for r in auto if r["threads"] == t]
+        for clock, suffix in (("wall", ""), ("thread CPU", "_cpu")):
+            if not all(f"fwd_x{suffix}" in r and f"fwd_bwd_x{suffix}" in r for r in sel):
+                continue
+            f, fb = [r[f"fwd_x{suffix}"] for r in sel], [r[f"fwd_bwd_x{suffix}"] for r in sel]
+            out.append(f"| {t} | {clock} | {_geomean(f):.2f} | {min(f):.2f} | {_geomean(fb):.2f} | {min(fb):.2f} |")
+    one = {r["shape"]: r for r in auto if r["threads"] == 1}
+    two = {r["shape"]: r for r in auto if r["threads"] == 2}
+    keys = [k for k in one if k in two]
+    if keys:
+        sf = [one[k]["fwd_ms"] / two[k]["fwd_ms"] for k in keys]
+        sfb = [one[k]["fwd_bwd_ms"] / two[k]["fwd_bwd_ms"] for k in keys]
+        out += ["", f"2 threads over 1 (vitattn:auto): forward geomean {_geomean(sf):.2f} (min {min(sf):.2f}), "
+                    f"forward+backward geomean {_geomean(sfb):.2f} (min {min(sfb):.2f})"]
+    return "\n".join(out) + "\n"
+
+
+def update_ranking(rows: List[Dict], command: str) -> Dict:
+    """measured.json for "auto": per shape class (backends.shape_class), the backends that ran
+    by name, fastest first by the geometric mean of fwd_ms x fwd_bwd_ms at one thread."""
+    table: Dict[str, Dict[str, List[float]]] = {}
+    for r in rows:
+        if r["role"] != "backend" or r["threads"] not in (1, ""):
+            continue
+        cls = sk_backends.shape_class(dict(kind="ot_attention", n=r["n"], m=r["m"]))
+        table.setdefault(cls, {}).setdefault(r["backend"], []).append(math.sqrt(r["fwd_ms"] * r["fwd_bwd_ms"]))
+    device_type = "cpu" if any(r["threads"] != "" for r in rows) else "cuda"
+    data = {}
+    if os.path.exists(MEASURED_JSON):
+        with open(MEASURED_JSON) as f:
+            data = json.load(f)
+    data[device_type] = {cls: sorted(t, key=lambda b: _geomean(t[b])) for cls, t in sorted(table.items())}
+    data["source"] = (f"benchmarks/results/bench_sinkhorn.md: `{command}` at {commit()} (fp32, batch {BATCH}, "
+                      "one thread; fastest first by the geometric mean of forward and forward+backward times)")
+    with open(MEASURED_JSON, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return data
+
+
+def _options(ap) -> None:
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
+    ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="a subset of the shapes")
+    ap.add_argument("--update-ranking", action="store_true",
+                    help=f"rewrite {os.path.relpath(MEASURED_JSON)} from this run ('auto' order per shape class)")
+
+
 def main() -> None:
-    cli("bench_sinkhorn", run, COLUMNS, __doc__, quick_help="a few small shapes, few repeats (CPU-friendly)")
+    state: Dict = {}
+
+    def appendix(rows, device):
+        text = summary(rows, device)
+        if state.get("update"):
+            data = update_ranking(rows, state["command"])
+            text += f"\nmeasured.json rewritten: {json.dumps({k: v for k, v in data.items() if k != 'source'})}\n"
+        return text
+
+    def kwargs(args):
+        state["update"] = args.update_ranking
+        state["command"] = "python benchmarks/bench_sinkhorn.py" + (" --quick" if args.quick else "")
+        return dict(threads=args.threads, shapes=args.shapes)
+
+    cli("bench_sinkhorn", run, COLUMNS, __doc__, quick_help="few repeats, one thread, no compile",
+        options=_options, run_kwargs=kwargs, appendix=appendix)
 
 
 if __name__ == "__main__":

@@ -267,21 +267,26 @@ def test_maybe_register_timm_survives_a_broken_timm(monkeypatch):
 # ---------------------------------------------------------------- the model benchmark
 
 
-def test_bench_models_rows():
+def test_bench_models_rows(monkeypatch):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     try:
         bench = importlib.import_module("bench_models")
     finally:
         sys.path.pop(0)
-    rows = bench.run(True, "cpu", ["rmt_t"], batch=1, res=64)
-    assert [r["impl"] for r in rows] == ["fused", "torch"]
-    for r in rows:
-        assert r["model"] == "rmt_t" and r["res"] == 64 and r["batch"] == 1
+    monkeypatch.delenv(bench.OFFICIAL_DIR_ENV, raising=False)  # no official code: the torch backend is the baseline
+    rows = bench.run(True, "cpu", ["rmt_t"], res=[64], batches=[1], training=True)
+    assert [r["method"] for r in rows] == ["vitattn:auto", "official", "vitattn:torch"]
+    auto, official, ref = rows
+    assert official["fwd_ms"] is None and "not available" in official["unavailable"]["fwd_ms"]
+    for r in (auto, ref):
+        assert r["model"] == "rmt_t" and r["res"] == 64 and r["batch"] == 1 and r["threads"] == 1
         assert abs(r["params_m"] - 14.334216) < 1e-9
-        assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         # a training step holds activations for backward: more than inference needs
         assert r["train_peak_mib"] > r["infer_peak_mib"] > 0
-    fused, ref = rows
-    assert fused["train_speedup"] == pytest.approx(fused["train_img_s"] / ref["train_img_s"])
-    assert fused["infer_speedup"] == pytest.approx(fused["infer_img_s"] / ref["infer_img_s"])
-    assert set(bench.COLUMNS) >= {"train_img_s", "infer_img_s", "train_peak_mib", "infer_peak_mib"}
+        assert r["peak_mib"] == r["train_peak_mib"]
+    assert ref["logits_rel_diff"] < bench.LOGITS_RTOL
+    assert auto["vs_torch_infer_speedup"] == pytest.approx(ref["fwd_ms"] / auto["fwd_ms"])
+    assert auto["vs_torch_train_speedup"] == pytest.approx(ref["fwd_bwd_ms"] / auto["fwd_bwd_ms"])
+    assert "official not available" in auto["note"]
+    assert set(bench.COLUMNS) >= {"fwd_ms", "fwd_bwd_ms", "infer_peak_mib", "train_peak_mib"}
