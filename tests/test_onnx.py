@@ -18,6 +18,7 @@ share one exported module.
 from __future__ import annotations
 
 import math
+import os
 
 import onnx
 import onnxruntime as ort
@@ -419,3 +420,17 @@ def test_compile_and_eager_keep_the_custom_ops():
     with Record() as rec:
         vitattn.masa(q, q, q, 0.9)
     assert "vitattn.masa_fwd.default" in rec.ops and not any("softmax" in o for o in rec.ops), rec.ops
+
+
+def test_export_example_script(tmp_path):
+    """examples/export_onnx.py (the README's deployment path): exports, runs in onnxruntime and
+    checks the outputs against PyTorch, exiting 0 and saying so."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "export_onnx.py")
+    out = tmp_path / "rmt_t.onnx"
+    proc = subprocess.run([sys.executable, script, "--model", "rmt_t", "--img-size", "64", "96", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert out.exists() and "OK: tolerance" in proc.stdout, proc.stdout[-2000:]
