@@ -197,3 +197,26 @@ def test_model_kmeans_init_and_training_step():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     with pytest.raises(ValueError, match="embedding"):
         st.SeTAttention(16, 2, embedding="gaussian")
+
+
+def test_eval_mode_keeps_the_projection_and_follows_the_anchors():
+    """Eval mode caches k(Z, Z)^(-1/2) (no eigendecomposition per forward; a constant for export);
+    it gives what training mode computes, and follows anchors changed in place or loaded."""
+    torch.manual_seed(0)
+    emb = NystromEmbedding(8, 6, heads=2)
+    x = torch.randn(3, 2, 5, 8)
+    with torch.no_grad():
+        train_out = emb(x)
+        emb.eval()
+        assert emb._projection_cache is not None
+        assert torch.equal(emb(x), train_out)
+        emb.anchors.add_(0.1 * torch.randn_like(emb.anchors))  # in place, in eval mode
+        changed = emb(x)
+        assert torch.equal(changed, emb.train()(x))
+        emb.eval()
+        emb.load_state_dict({"anchors": torch.randn(2, 6, 8)})
+        loaded = emb(x)
+        assert torch.equal(loaded, emb.train()(x))
+        assert not torch.allclose(loaded, changed)
+    assert emb._projection_cache is None  # training mode computes it (with its gradient)
+    assert "_projection_cache" not in emb.state_dict()

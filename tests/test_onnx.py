@@ -348,16 +348,20 @@ def test_every_model_family_exports(family):
         assert any(m.eval_perm is not None for m in model.modules() if isinstance(m, S.GroupAttention))
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "SeTformer's Nystrom embedding (vitattn/nn/nystrom.py) computes k(Z, Z)^(-1/2) with "
-    "torch.linalg.eigh in every forward: ONNX has no eigendecomposition operator "
-    "(aten._linalg_eigh has no lowering). The projection depends on the anchors only: an eval-mode "
-    "cached projection would export as a constant. strict: this test fails once that lands, "
-    "and the mark must go."))
 def test_setformer_nystrom_embedding_exports():
+    """The Nystrom embedding's k(Z, Z)^(-1/2) (an eigendecomposition: no ONNX operator) is kept
+    in eval mode as a constant of the anchors, so the default SeTformer exports; the cached
+    projection follows the anchors (loaded, or changed in place and then run eagerly)."""
     torch.manual_seed(0)
     layer = ST.SeTAttention(16, 2, ref_side=2, embedding="nystrom").eval()
     check_model(layer, torch.randn(1, 4, 5, 16))
+    with torch.no_grad():
+        layer.embed.anchors.add_(0.05 * torch.randn_like(layer.embed.anchors))
+    layer(torch.randn(1, 4, 5, 16))  # an eager eval forward (or eval() again) takes the new anchors
+    check_model(layer, torch.randn(1, 4, 5, 16))  # exported again: the new anchors' projection
+    cfg = dict(SMALL["setformer"][2], embedding="nystrom")
+    model = randomized(ST.SeTformer(**cfg, num_classes=10), 4).eval()
+    check_model(model, torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(7)))
 
 
 def test_full_named_model_rmt_t_at_224():

@@ -116,6 +116,13 @@ class NystromEmbedding(nn.Module):
         self.dim, self.num_anchors, self.heads = dim, num_anchors, heads
         self.sigma, self.eps = float(sigma), float(eps)
         self.anchors = nn.Parameter(torch.empty(heads, num_anchors, dim))
+        # eval mode keeps k(Z, Z)^(-1/2) (a function of the anchors alone): inference skips the
+        # eigendecomposition, and torch.export / ONNX export see a constant (ONNX has no eigh).
+        # Taken at eval(), after load_state_dict, and by an eager eval forward once the anchors
+        # changed in place; an export traces fake tensors and uses the cache as it stands
+        self.register_buffer("_projection_cache", None, persistent=False)
+        self._cache_version = -1
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_cache())
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,12 +141,35 @@ class NystromEmbedding(nn.Module):
         z = F.normalize(self.anchors, dim=-1)
         return inverse_sqrt_psd(self.kernel(z, z), self.eps)
 
+    def train(self, mode: bool = True) -> "NystromEmbedding":
+        super().train(mode)
+        self._refresh_cache()
+        return self
+
+    def _refresh_cache(self) -> None:
+        """Eval mode: compute the projection now (no gradient); training mode: drop it."""
+        if self.training or self.anchors.is_meta:
+            self._projection_cache, self._cache_version = None, -1
+            return
+        with torch.no_grad():
+            self._projection_cache = self.projection().detach()
+        self._cache_version = self.anchors._version
+
+    def _current_projection(self) -> Tensor:
+        if self.training or self._projection_cache is None:
+            return self.projection()
+        tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+        if not tracing and (self.anchors._version != self._cache_version
+                            or self._projection_cache.device != self.anchors.device):
+            self._refresh_cache()  # the anchors changed in place (or moved) since eval()
+        return self._projection_cache
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3 or x.shape[-3] != self.heads or x.shape[-1] != self.dim:
             raise ValueError(f"NystromEmbedding: x must be (..., {self.heads}, n, {self.dim}), got {tuple(x.shape)}")
         z = F.normalize(self.anchors, dim=-1).to(x.dtype)
         kzx = self.kernel(F.normalize(x, dim=-1), z)  # (..., heads, n, k): k(Z, x) as rows
-        return kzx @ self.projection().to(x.dtype)  # the projection is symmetric
+        return kzx @ self._current_projection().to(x.dtype)  # the projection is symmetric
 
     @torch.no_grad()
     def init_kmeans_(self, features: Tensor, iters: int = 20, generator: Optional[torch.Generator] = None) -> None:
