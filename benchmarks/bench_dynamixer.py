@@ -34,18 +34,17 @@ kept between calls, is not in it).
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, peak_memory_mb  # noqa: E402
+from common import (auto_summary, bench_device, cli, commit, peak_memory_mb, time_alternating,  # noqa: E402
+                    write_ranking)
 
 import vitattn  # noqa: E402
 from vitattn import dynamixer  # noqa: E402
@@ -122,28 +121,6 @@ def _methods(device: torch.device, ctx: dict, compile_peer: bool):
     return out
 
 
-def _time_alternating(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_time: float
-                      ) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Median wall time and median CPU time of the calling thread (ms) of each call, the calls
-    alternating within every repeat. With one intra-op thread the CPU time leaves out the time
-    the thread waited for a core: on a shared machine it is the steadier of the two."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    wall: Dict[str, List[float]] = {k: [] for k in calls}
-    cpu: Dict[str, List[float]] = {k: [] for k in calls}
-    start = time.perf_counter()
-    while min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time:
-        for k, fn in calls.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
-            fn()
-            cpu[k].append((time.thread_time() - c0) * 1e3)
-            wall[k].append((time.perf_counter() - t0) * 1e3)
-        if len(next(iter(wall.values()))) >= 200:
-            break
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
-
-
 def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Optional[List[str]] = None,
         progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
     device = bench_device(device)
@@ -187,8 +164,8 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
                         compile_s[method] = time.perf_counter() - t0
                         compiled.add(axis)
                     fwd[method], fwd_bwd[method] = f, fb
-                t_f, c_f = _time_alternating(fwd, **reps)
-                t_fb, c_fb = _time_alternating(fwd_bwd, **reps)
+                t_f, c_f = time_alternating(fwd, **reps)
+                t_fb, c_fb = time_alternating(fwd_bwd, **reps)
                 for method, role, backend, _ in methods:
                     row = dict(shape=label, L=L, C=C, S=S, d=d, batch=BATCH, axis=axis,
                                threads=nthreads if nthreads is not None else "", dtype="float32",
@@ -196,7 +173,7 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
                                fwd_ms=t_f[method], fwd_bwd_ms=t_fb[method])
                     row["fwd_x"] = t_f["naive"] / t_f[method]
                     row["fwd_bwd_x"] = t_fb["naive"] / t_fb[method]
-                    if nthreads == 1:  # the same ratios in thread CPU time (see _time_alternating)
+                    if nthreads == 1:  # the same ratios in thread CPU time (see common.time_alternating)
                         row["fwd_cpu_ms"], row["fwd_bwd_cpu_ms"] = c_f[method], c_fb[method]
                         row["fwd_x_cpu"] = c_f["naive"] / c_f[method]
                         row["fwd_bwd_x_cpu"] = c_fb["naive"] / c_fb[method]
@@ -215,60 +192,16 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
     return rows
 
 
-def _geomean(xs: List[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
-
-
 def summary(rows: List[Dict], device: torch.device) -> str:
-    """The issue's goals, per thread count: forward and forward+backward speed-ups over the
-    naive code (geometric mean and minimum over shapes and axes) of vitattn:auto, and the
-    2-thread over 1-thread speed-up."""
-    auto = [r for r in rows if r["method"] == "vitattn:auto"]
-    if not auto:
-        return ""
-    out = ["", "## Summary (vitattn:auto vs naive, fp32)", "",
-           "| threads | time | fwd geomean | fwd min | fwd+bwd geomean | fwd+bwd min |", "|---|---|---|---|---|---|"]
-    for t in sorted({r["threads"] for r in auto}, key=str):
-        sel = [r for r in auto if r["threads"] == t]
-        for clock, suffix in (("wall", ""), ("thread CPU", "_cpu")):
-            if not all(f"fwd_x{suffix}" in r for r in sel):
-                continue
-            f, fb = [r[f"fwd_x{suffix}"] for r in sel], [r[f"fwd_bwd_x{suffix}"] for r in sel]
-            out.append(f"| {t} | {clock} | {_geomean(f):.2f} | {min(f):.2f} | {_geomean(fb):.2f} | {min(fb):.2f} |")
-    one = {(r["shape"], r["axis"]): r for r in auto if r["threads"] == 1}
-    two = {(r["shape"], r["axis"]): r for r in auto if r["threads"] == 2}
-    if one and two:
-        keys = [k for k in one if k in two]
-        sf = [one[k]["fwd_ms"] / two[k]["fwd_ms"] for k in keys]
-        sfb = [one[k]["fwd_bwd_ms"] / two[k]["fwd_bwd_ms"] for k in keys]
-        out += ["", f"2 threads over 1 (vitattn:auto): forward geomean {_geomean(sf):.2f} (min {min(sf):.2f}), "
-                    f"forward+backward geomean {_geomean(sfb):.2f} (min {min(sfb):.2f})"]
-    return "\n".join(out) + "\n"
+    """The issue's goals per thread count (benchmarks/common.py auto_summary)."""
+    return auto_summary(rows, lambda r: (r["shape"], r["axis"]))
 
 
 def update_ranking(rows: List[Dict], command: str) -> Dict:
-    """measured.json for "auto": per shape class (backends.shape_class), the backends that ran
-    by name, fastest first by the geometric mean of fwd_ms x fwd_bwd_ms over that class's
-    rows at one thread."""
-    table: Dict[str, Dict[str, List[float]]] = {}
-    for r in rows:
-        if r["role"] != "backend" or r["threads"] not in (1, ""):
-            continue
-        cls = dm_backends.shape_class(dict(L=r["L"]))
-        table.setdefault(cls, {}).setdefault(r["backend"], []).append(math.sqrt(r["fwd_ms"] * r["fwd_bwd_ms"]))
-    device_type = "cpu" if any(r["threads"] != "" for r in rows) else "cuda"
-    ranking = {cls: sorted(times, key=lambda b: _geomean(times[b])) for cls, times in sorted(table.items())}
-    data = {}
-    if os.path.exists(MEASURED_JSON):
-        with open(MEASURED_JSON) as f:
-            data = json.load(f)
-    data[device_type] = ranking
-    data["source"] = (f"benchmarks/results/bench_dynamixer.md: `{command}` at {commit()} (fp32, batch {BATCH}, "
-                      "one thread; fastest first by the geometric mean of forward and forward+backward times)")
-    with open(MEASURED_JSON, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    return data
+    """measured.json for "auto" (benchmarks/common.py write_ranking)."""
+    return write_ranking(MEASURED_JSON, rows, lambda r: dm_backends.shape_class(dict(L=r["L"])),
+                         f"benchmarks/results/bench_dynamixer.md: `{command}` at {commit()} (fp32, batch {BATCH}, "
+                         "one thread; fastest first by the geometric mean of forward and forward+backward times)")
 
 
 def _options(ap) -> None:

@@ -33,17 +33,16 @@ PyTorch's CPU allocator during one forward+backward (benchmarks/common.py PEAK_M
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, mark_unavailable, peak_memory_mb  # noqa: E402
+from common import (auto_summary, bench_device, cli, commit, mark_unavailable, peak_memory_mb,  # noqa: E402
+                    time_alternating, write_ranking)
 
 from vitattn import gaussian_filter_2d, ot_attention  # noqa: E402
 from vitattn.ops.sinkhorn import backends as sk_backends  # noqa: E402
@@ -112,27 +111,6 @@ def _pot_forward(ot, x, ref, filt):
     return out
 
 
-def _time_alternating(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_time: float
-                      ) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Median wall time and median CPU time of the calling thread (ms) of each call, the calls
-    alternating within every repeat."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    wall: Dict[str, List[float]] = {k: [] for k in calls}
-    cpu: Dict[str, List[float]] = {k: [] for k in calls}
-    start = time.perf_counter()
-    while min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time:
-        for k, fn in calls.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
-            fn()
-            cpu[k].append((time.thread_time() - c0) * 1e3)
-            wall[k].append((time.perf_counter() - t0) * 1e3)
-        if len(next(iter(wall.values()))) >= 200:
-            break
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
-
-
 def _inputs(heads: int, n: int, m: int, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)
@@ -186,8 +164,8 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
                 fwd[method], fwd_bwd[method] = f, fb
             if pot is not None and not on_gpu:
                 fwd["pot"] = lambda: _pot_forward(pot, x.detach(), ref.detach(), filt)
-            t_f, c_f = _time_alternating(fwd, **reps)
-            t_fb, c_fb = _time_alternating(fwd_bwd, **reps)
+            t_f, c_f = time_alternating(fwd, **reps)
+            t_fb, c_fb = time_alternating(fwd_bwd, **reps)
             entries = [(mt, role, be) for mt, role, be, _ in methods] + ([("pot", "peer", None)] if "pot" in fwd else [])
             for method, role, backend in entries:
                 row = dict(shape=label, heads=heads, n=n, m=m, d=HEAD_DIM, iters=ITERS, batch=BATCH,
@@ -221,57 +199,16 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
     return rows
 
 
-def _geomean(xs: List[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
-
-
 def summary(rows: List[Dict], device: torch.device) -> str:
-    """Per thread count: forward and forward+backward speed-ups of vitattn:auto over the naive
-    code (geometric mean and minimum over the shapes), and 2 threads over 1."""
-    auto = [r for r in rows if r["method"] == "vitattn:auto"]
-    if not auto:
-        return ""
-    out = ["", "## Summary (vitattn:auto vs naive, fp32)", "",
-           "| threads | time | fwd geomean | fwd min | fwd+bwd geomean | fwd+bwd min |", "|---|---|---|---|---|---|"]
-    for t in sorted({r["threads"] for r in auto}, key=str):
-        sel = [r for r in auto if r["threads"] == t]
-        for clock, suffix in (("wall", ""), ("thread CPU", "_cpu")):
-            if not all(f"fwd_x{suffix}" in r and f"fwd_bwd_x{suffix}" in r for r in sel):
-                continue
-            f, fb = [r[f"fwd_x{suffix}"] for r in sel], [r[f"fwd_bwd_x{suffix}"] for r in sel]
-            out.append(f"| {t} | {clock} | {_geomean(f):.2f} | {min(f):.2f} | {_geomean(fb):.2f} | {min(fb):.2f} |")
-    one = {r["shape"]: r for r in auto if r["threads"] == 1}
-    two = {r["shape"]: r for r in auto if r["threads"] == 2}
-    keys = [k for k in one if k in two]
-    if keys:
-        sf = [one[k]["fwd_ms"] / two[k]["fwd_ms"] for k in keys]
-        sfb = [one[k]["fwd_bwd_ms"] / two[k]["fwd_bwd_ms"] for k in keys]
-        out += ["", f"2 threads over 1 (vitattn:auto): forward geomean {_geomean(sf):.2f} (min {min(sf):.2f}), "
-                    f"forward+backward geomean {_geomean(sfb):.2f} (min {min(sfb):.2f})"]
-    return "\n".join(out) + "\n"
+    """The issue's goals per thread count (benchmarks/common.py auto_summary)."""
+    return auto_summary(rows, lambda r: r["shape"])
 
 
 def update_ranking(rows: List[Dict], command: str) -> Dict:
-    """measured.json for "auto": per shape class (backends.shape_class), the backends that ran
-    by name, fastest first by the geometric mean of fwd_ms x fwd_bwd_ms at one thread."""
-    table: Dict[str, Dict[str, List[float]]] = {}
-    for r in rows:
-        if r["role"] != "backend" or r["threads"] not in (1, ""):
-            continue
-        cls = sk_backends.shape_class(dict(kind="ot_attention", n=r["n"], m=r["m"]))
-        table.setdefault(cls, {}).setdefault(r["backend"], []).append(math.sqrt(r["fwd_ms"] * r["fwd_bwd_ms"]))
-    device_type = "cpu" if any(r["threads"] != "" for r in rows) else "cuda"
-    data = {}
-    if os.path.exists(MEASURED_JSON):
-        with open(MEASURED_JSON) as f:
-            data = json.load(f)
-    data[device_type] = {cls: sorted(t, key=lambda b: _geomean(t[b])) for cls, t in sorted(table.items())}
-    data["source"] = (f"benchmarks/results/bench_sinkhorn.md: `{command}` at {commit()} (fp32, batch {BATCH}, "
-                      "one thread; fastest first by the geometric mean of forward and forward+backward times)")
-    with open(MEASURED_JSON, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    return data
+    """measured.json for "auto" (benchmarks/common.py write_ranking)."""
+    return write_ranking(MEASURED_JSON, rows, lambda r: sk_backends.shape_class(dict(kind="ot_attention", n=r["n"], m=r["m"])),
+                         f"benchmarks/results/bench_sinkhorn.md: `{command}` at {commit()} (fp32, batch {BATCH}, "
+                         "one thread; fastest first by the geometric mean of forward and forward+backward times)")
 
 
 def _options(ap) -> None:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -359,3 +360,83 @@ def cli(name: str, run: Callable[..., List[Dict]], columns: List[str], descripti
         md += section
     print(md)
     return rows
+
+
+# ---------------------------------------------------------------- shared by the op benchmarks
+
+
+def time_alternating(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_time: float
+                     ) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Median wall time and median CPU time of the calling thread (ms) of each call, the calls
+    alternating within every repeat (so that load drifting on a shared machine hits all alike).
+    With one intra-op thread the CPU time leaves out the time the thread waited for a core."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall: Dict[str, List[float]] = {k: [] for k in calls}
+    cpu: Dict[str, List[float]] = {k: [] for k in calls}
+    start = time.perf_counter()
+    while min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time:
+        for k, fn in calls.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[k].append((time.thread_time() - c0) * 1e3)
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+        if len(next(iter(wall.values()))) >= 200:
+            break
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def geomean(xs: Sequence[float]) -> float:
+    xs = list(xs)
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def auto_summary(rows: List[Dict], shape_key: Callable[[Dict], object]) -> str:
+    """Markdown: per thread count, forward and forward+backward speed-ups of vitattn:auto over
+    the naive code (rows' fwd_x / fwd_bwd_x, and *_cpu at one thread), geometric mean and
+    minimum over the shapes; then 2 threads over 1 per shape_key(row)."""
+    auto = [r for r in rows if r["method"] == "vitattn:auto"]
+    if not auto:
+        return ""
+    out = ["", "## Summary (vitattn:auto vs naive, fp32)", "",
+           "| threads | time | fwd geomean | fwd min | fwd+bwd geomean | fwd+bwd min |", "|---|---|---|---|---|---|"]
+    for t in sorted({r["threads"] for r in auto}, key=str):
+        sel = [r for r in auto if r["threads"] == t]
+        for clock, suffix in (("wall", ""), ("thread CPU", "_cpu")):
+            if not all(f"fwd_x{suffix}" in r and f"fwd_bwd_x{suffix}" in r for r in sel):
+                continue
+            f, fb = [r[f"fwd_x{suffix}"] for r in sel], [r[f"fwd_bwd_x{suffix}"] for r in sel]
+            out.append(f"| {t} | {clock} | {geomean(f):.2f} | {min(f):.2f} | {geomean(fb):.2f} | {min(fb):.2f} |")
+    one = {shape_key(r): r for r in auto if r["threads"] == 1}
+    two = {shape_key(r): r for r in auto if r["threads"] == 2}
+    keys = [k for k in one if k in two]
+    if keys:
+        sf = [one[k]["fwd_ms"] / two[k]["fwd_ms"] for k in keys]
+        sfb = [one[k]["fwd_bwd_ms"] / two[k]["fwd_bwd_ms"] for k in keys]
+        out += ["", f"2 threads over 1 (vitattn:auto): forward geomean {geomean(sf):.2f} (min {min(sf):.2f}), "
+                    f"forward+backward geomean {geomean(sfb):.2f} (min {min(sfb):.2f})"]
+    return "\n".join(out) + "\n"
+
+
+def write_ranking(path: str, rows: List[Dict], shape_class: Callable[[Dict], str], source: str) -> Dict:
+    """Rewrite an op's measured.json for this run's device type: per shape class, the backends
+    that ran by name (role "backend"), fastest first by the geometric mean of sqrt(fwd_ms x
+    fwd_bwd_ms) over that class's rows at one thread (CPU) or on the GPU."""
+    table: Dict[str, Dict[str, List[float]]] = {}
+    for r in rows:
+        if r["role"] != "backend" or r["threads"] not in (1, ""):
+            continue
+        table.setdefault(shape_class(r), {}).setdefault(r["backend"], []).append(
+            math.sqrt(r["fwd_ms"] * r["fwd_bwd_ms"]))
+    device_type = "cpu" if any(r["threads"] != "" for r in rows) else "cuda"
+    data: Dict = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data[device_type] = {cls: sorted(t, key=lambda b: geomean(t[b])) for cls, t in sorted(table.items())}
+    data["source"] = source
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return data
