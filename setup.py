@@ -146,6 +146,8 @@ setup(
     # so that `python -m vitattn.bench` works from an installed (non-editable) vitattn too
     packages=find_packages(include=["vitattn", "vitattn.*"]) + ["vitattn.kernels", "vitattn.benchmarks"],
     package_dir={"vitattn.kernels": "kernels", "vitattn.benchmarks": "benchmarks"},
+    # the measurements "auto" ranks the backends by (vitattn/_dispatch.py)
+    package_data={f"vitattn.ops.{op}": ["measured.json"] for op in ("masa", "sinkhorn", "group_attention", "dynamixer")},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

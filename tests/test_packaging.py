@@ -24,7 +24,9 @@ def test_installed_package_runs_the_main_job(tmp_path):
                          capture_output=True, text=True, timeout=900, env=env, cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
     out = tmp_path / "report"
-    code = ("import vitattn, vitattn.benchmarks, vitattn.kernels, sys; "
+    code = ("import vitattn, vitattn.benchmarks, vitattn.kernels, sys\n"
+            "from vitattn.ops.masa import backends as b\n"
+            "assert b.dispatcher.measured().get('cpu'), 'measured.json did not ship'\n"
             "print(vitattn.__file__); sys.exit(0 if 'site-packages' in vitattn.__file__ else 1)")
     res = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
