@@ -62,7 +62,7 @@ SHAPES = {
 BATCH = 8
 PEAK_GFLOPS = 96.0  # one core, fp32 (see the docstring)
 MEASURED_JSON = os.path.join(os.path.dirname(os.path.abspath(dm_backends.__file__)), "measured.json")
-COLUMNS = ["shape", "L", "C", "S", "d", "batch", "axis", "threads", "dtype", "method", "backend", "fwd_ms",
+COLUMNS = ["shape", "model", "L", "C", "S", "d", "batch", "axis", "threads", "dtype", "method", "backend", "fwd_ms",
            "fwd_bwd_ms", "fwd_x", "fwd_bwd_x", "fwd_x_cpu", "fwd_bwd_x_cpu", "gflops", "gflops_fwd_bwd", "frac_peak",
            "peak_mib", "compile_s"]
 
@@ -167,7 +167,7 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
                 t_f, c_f = time_alternating(fwd, **reps)
                 t_fb, c_fb = time_alternating(fwd_bwd, **reps)
                 for method, role, backend, _ in methods:
-                    row = dict(shape=label, L=L, C=C, S=S, d=d, batch=BATCH, axis=axis,
+                    row = dict(shape=label, model=label.split()[0], L=L, C=C, S=S, d=d, batch=BATCH, axis=axis,
                                threads=nthreads if nthreads is not None else "", dtype="float32",
                                method=method, role=role, backend=backend, tokens=L * L,
                                fwd_ms=t_f[method], fwd_bwd_ms=t_fb[method])
