@@ -20,6 +20,7 @@ import torch
 
 from ..._dtypes import acc_dtype
 from ..._tiles import problem_blocks
+from .._dense import block_backward, lse_from_softmax, probs_times_values
 
 # dense intermediates alive at once per block (logits, probabilities, their gradient, slack)
 _DENSE_TENSORS = 3
@@ -60,15 +61,9 @@ def group_attention_fwd(q, k, v, perm: Optional[torch.Tensor], groups: int, scal
     lse = torch.empty(Z, n, device=q.device, dtype=acc)
     for z0, z1, m0, m1 in problem_blocks(Z, n, n, acc, _DENSE_TENSORS):
         p, s = _probabilities(qp[z0:z1, m0:m1].to(acc), kp[z0:z1].to(acc), scale)
-        # at the row maximum p = exp(0) / rowsum, so lse = max + log(rowsum) = max - log(p there)
-        mx, at = s.max(dim=-1, keepdim=True)
+        lse[z0:z1, m0:m1] = lse_from_softmax(p, s)
         del s
-        lse[z0:z1, m0:m1] = (mx - torch.log(p.gather(-1, at)))[..., 0]
-        ob = out[z0:z1, m0:m1]
-        if acc == q.dtype and ob.is_contiguous():
-            torch.bmm(p, vp[z0:z1], out=ob)
-        else:
-            ob.copy_(torch.bmm(p, vp[z0:z1].to(acc)))
+        probs_times_values(p, vp[z0:z1], out[z0:z1, m0:m1])
     return _scatter(out, perm, q.shape), _scatter(lse[..., None], perm, q.shape)[..., 0]
 
 
@@ -86,18 +81,7 @@ def group_attention_bwd(dout, q, k, v, out, lse, perm: Optional[torch.Tensor], g
         dob = dop[z0:z1, m0:m1].to(acc)
         p, s = _probabilities(qb, kb, scale)
         del s
-        whole = m0 == 0  # the first row block of these problems starts dk and dv
-        if whole:
-            torch.bmm(p.transpose(1, 2), dob, out=dv[z0:z1])
-        else:
-            dv[z0:z1].baddbmm_(p.transpose(1, 2), dob)
-        ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, acc)
-        del p
-        torch.bmm(ds, kb, out=dq[z0:z1, m0:m1])
-        dq[z0:z1, m0:m1].mul_(scale)
-        if whole:
-            torch.baddbmm(dk[z0:z1], ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dk[z0:z1])
-        else:
-            dk[z0:z1].baddbmm_(ds.transpose(1, 2), qb, alpha=scale)
+        # the first row block of these problems starts dk and dv
+        block_backward(p, qb, kb, vb, dob, scale, dq[z0:z1, m0:m1], dk[z0:z1], dv[z0:z1], first=m0 == 0)
     return (_scatter(dq, perm, q.shape).to(q.dtype), _scatter(dk, perm, q.shape).to(k.dtype),
             _scatter(dv, perm, q.shape).to(v.dtype))

@@ -23,6 +23,7 @@ import torch
 
 from ..._dtypes import acc_dtype
 from ..._tiles import dense_elems, problem_blocks
+from .._dense import block_backward, lse_from_softmax, probs_times_values
 
 # dense intermediates alive at once per block (logits, probabilities, their gradient)
 _DENSE_TENSORS = 3
@@ -61,15 +62,9 @@ def grid_attention_fwd(q, k, v, log_gamma, Y: int, X: int, scale: float):
     lse = torch.empty(Z, N, device=q.device, dtype=acc)
     for z0, z1, m0, m1 in problem_blocks(Z, N, N, acc, _DENSE_TENSORS):
         p, s = _probabilities(q[z0:z1, m0:m1].to(acc), k[z0:z1].to(acc), lg[z0:z1], dist(m0, m1), scale)
-        # at the row maximum p = exp(0) / rowsum, so lse = max + log(rowsum) = max - log(p there)
-        mx, at = s.max(dim=-1, keepdim=True)
+        lse[z0:z1, m0:m1] = lse_from_softmax(p, s)
         del s
-        lse[z0:z1, m0:m1] = (mx - torch.log(p.gather(-1, at)))[..., 0]
-        ob = out[z0:z1, m0:m1]
-        if acc == q.dtype and ob.is_contiguous():
-            torch.bmm(p, v[z0:z1], out=ob)
-        else:
-            ob.copy_(torch.bmm(p, v[z0:z1].to(acc)))
+        probs_times_values(p, v[z0:z1], out[z0:z1, m0:m1])
     return out, lse
 
 
@@ -91,19 +86,9 @@ def grid_attention_bwd(dout, q, k, v, out, lse, log_gamma, Y: int, X: int, scale
         dist_b = dist(m0, m1)
         p, s = _probabilities(qb, kb, lg[z0:z1], dist_b, scale)
         del s
-        first = m0 == 0  # the first row block of these problems starts dk and dv
-        if first:
-            torch.bmm(p.transpose(1, 2), dob, out=dv[z0:z1])
-        else:
-            dv[z0:z1].baddbmm_(p.transpose(1, 2), dob)
-        ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, acc)
+        # the first row block of these problems starts dk and dv
+        ds = block_backward(p, qb, kb, vb, dob, scale, dq[z0:z1, m0:m1], dk[z0:z1], dv[z0:z1], first=m0 == 0)
         del p
-        torch.bmm(ds, kb, out=dq[z0:z1, m0:m1])
-        dq[z0:z1, m0:m1].mul_(scale)
-        if first:
-            torch.baddbmm(dk[z0:z1], ds.transpose(1, 2), qb, beta=0.0, alpha=scale, out=dk[z0:z1])
-        else:
-            dk[z0:z1].baddbmm_(ds.transpose(1, 2), qb, alpha=scale)
         # dL/dlog_gamma of each problem: sum(dS * distance), as one matrix-vector product
         dlg[z0:z1] += ds.reshape(z1 - z0, -1) @ dist_b.reshape(-1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlg
