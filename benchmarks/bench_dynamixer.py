@@ -33,7 +33,6 @@ kept between calls, is not in it).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (auto_summary, bench_device, cli, commit, peak_memory_mb, time_alternating,  # noqa: E402
+from common import (auto_summary, bench_device, commit, op_bench_main, peak_memory_mb, time_alternating,  # noqa: E402
                     write_ranking)
 
 import vitattn  # noqa: E402
@@ -204,30 +203,9 @@ def update_ranking(rows: List[Dict], command: str) -> Dict:
                          "one thread; fastest first by the geometric mean of forward and forward+backward times)")
 
 
-def _options(ap) -> None:
-    ap.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
-    ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="a subset of the shapes")
-    ap.add_argument("--update-ranking", action="store_true",
-                    help=f"rewrite {os.path.relpath(MEASURED_JSON)} from this run ('auto' order per shape class)")
-
-
 def main() -> None:
-    state: Dict = {}
-
-    def appendix(rows, device):
-        text = summary(rows, device)
-        if state.get("update"):
-            data = update_ranking(rows, state["command"])
-            text += f"\nmeasured.json rewritten: {json.dumps({k: v for k, v in data.items() if k != 'source'})}\n"
-        return text
-
-    def kwargs(args):
-        state["update"] = args.update_ranking
-        state["command"] = "python benchmarks/bench_dynamixer.py" + (" --quick" if args.quick else "")
-        return dict(threads=args.threads, shapes=args.shapes)
-
-    cli("bench_dynamixer", run, COLUMNS, __doc__, quick_help="few repeats, one axis, one thread, no compile",
-        options=_options, run_kwargs=kwargs, appendix=appendix)
+    op_bench_main("bench_dynamixer", run, COLUMNS, __doc__, shapes=list(SHAPES), measured_json=MEASURED_JSON, summary=summary,
+                  update_ranking=update_ranking, quick_help="few repeats, one axis, one thread, no compile")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ PyTorch's CPU allocator during one forward+backward (benchmarks/common.py PEAK_M
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (auto_summary, bench_device, cli, commit, mark_unavailable, peak_memory_mb,  # noqa: E402
+from common import (auto_summary, bench_device, commit, mark_unavailable, op_bench_main, peak_memory_mb,  # noqa: E402
                     time_alternating, write_ranking)
 
 from vitattn import gaussian_filter_2d, ot_attention  # noqa: E402
@@ -211,30 +210,9 @@ def update_ranking(rows: List[Dict], command: str) -> Dict:
                          "one thread; fastest first by the geometric mean of forward and forward+backward times)")
 
 
-def _options(ap) -> None:
-    ap.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
-    ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="a subset of the shapes")
-    ap.add_argument("--update-ranking", action="store_true",
-                    help=f"rewrite {os.path.relpath(MEASURED_JSON)} from this run ('auto' order per shape class)")
-
-
 def main() -> None:
-    state: Dict = {}
-
-    def appendix(rows, device):
-        text = summary(rows, device)
-        if state.get("update"):
-            data = update_ranking(rows, state["command"])
-            text += f"\nmeasured.json rewritten: {json.dumps({k: v for k, v in data.items() if k != 'source'})}\n"
-        return text
-
-    def kwargs(args):
-        state["update"] = args.update_ranking
-        state["command"] = "python benchmarks/bench_sinkhorn.py" + (" --quick" if args.quick else "")
-        return dict(threads=args.threads, shapes=args.shapes)
-
-    cli("bench_sinkhorn", run, COLUMNS, __doc__, quick_help="few repeats, one thread, no compile",
-        options=_options, run_kwargs=kwargs, appendix=appendix)
+    op_bench_main("bench_sinkhorn", run, COLUMNS, __doc__, shapes=list(SHAPES), measured_json=MEASURED_JSON, summary=summary,
+                  update_ranking=update_ranking, quick_help="few repeats, one thread, no compile")
 
 
 if __name__ == "__main__":

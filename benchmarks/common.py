@@ -442,3 +442,32 @@ def write_ranking(path: str, rows: List[Dict], shape_class: Callable[[Dict], str
         json.dump(data, f, indent=1)
         f.write("\n")
     return data
+
+
+def op_bench_main(name: str, run: Callable[..., List[Dict]], columns: List[str], description: Optional[str], *,
+                  shapes: Sequence[str], measured_json: str, summary: Callable[[List[Dict], torch.device], str],
+                  update_ranking: Callable[[List[Dict], str], Dict], quick_help: str) -> None:
+    """The ``__main__`` of an op benchmark with --threads, --shapes and --update-ranking: the
+    summary appended to the results, and with --update-ranking the op's measured.json rewritten
+    from this run (the command that produced it recorded there)."""
+    state: Dict = {}
+
+    def options(ap) -> None:
+        ap.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
+        ap.add_argument("--shapes", nargs="+", default=None, choices=list(shapes), help="a subset of the shapes")
+        ap.add_argument("--update-ranking", action="store_true",
+                        help=f"rewrite {os.path.relpath(measured_json)} from this run ('auto' order per shape class)")
+
+    def kwargs(args):
+        state["update"] = args.update_ranking
+        state["command"] = f"python benchmarks/{name}.py" + (" --quick" if args.quick else "")
+        return dict(threads=args.threads, shapes=args.shapes)
+
+    def appendix(rows, device):
+        text = summary(rows, device)
+        if state.get("update"):
+            data = update_ranking(rows, state["command"])
+            text += f"\nmeasured.json rewritten: {json.dumps({k: v for k, v in data.items() if k != 'source'})}\n"
+        return text
+
+    cli(name, run, columns, description, quick_help=quick_help, options=options, run_kwargs=kwargs, appendix=appendix)
