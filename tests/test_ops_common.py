@@ -170,6 +170,62 @@ def _empty_calls(device):
     ]
 
 
+def _graph_nodes(fn):
+    """Names of the autograd nodes reachable from fn."""
+    names, todo, seen = [], [fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        names.append(type(f).__name__)
+        todo.extend(g for g, _ in f.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_eager_fast_path_matches_the_custom_op(i, monkeypatch):
+    """Plain eager calls run the op's implementation through one autograd.Function (or bare
+    without gradients), skipping torch.ops' Python layers; values and gradients must be
+    bitwise those of the custom op, which runs whenever the fast path is refused."""
+    from vitattn.ops import _library
+
+    name, args, kwargs, diff = calls(seed=i)[i]
+
+    def run():
+        leaves = [a.detach().requires_grad_() if any(a is t for t in diff) else a for a in args]
+        out = getattr(vitattn, name)(*leaves, **kwargs)
+        w = torch.randn(out.shape, generator=_gen(7), dtype=out.dtype)
+        grads = torch.autograd.grad((out * w).sum(), [t for t in leaves if isinstance(t, torch.Tensor)
+                                                      and t.requires_grad])
+        return out, grads, _graph_nodes(out.grad_fn)
+
+    out, grads, nodes = run()
+    assert any("_eager" in n for n in nodes), nodes  # the fast path ran
+    with torch.no_grad():
+        assert getattr(vitattn, name)(*args, **kwargs).grad_fn is None
+    monkeypatch.setattr(_library, "plain_eager", lambda a: False)
+    out_op, grads_op, nodes_op = run()
+    assert not any("_eager" in n for n in nodes_op), nodes_op  # the custom op ran
+    assert any("vitattn" in n for n in nodes_op), nodes_op
+    assert torch.equal(out, out_op)
+    for g, g_op in zip(grads, grads_op, strict=True):
+        assert torch.equal(g, g_op)
+
+
+def test_eager_fast_path_refuses_traces_modes_and_subclasses():
+    from vitattn.ops._library import plain_eager
+
+    t = torch.randn(3)
+    assert plain_eager((t, 1.0, "auto", None)) and plain_eager((torch.nn.Parameter(t),))
+    with FakeTensorMode() as mode:
+        assert not plain_eager((mode.from_tensor(t),))
+    assert plain_eager((t,))  # outside the mode again
+    seen = []
+    torch.func.vmap(lambda x: seen.append(plain_eager((x,))) or x)(torch.randn(2, 3))
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("i", range(10))
 def test_empty_batches_give_empty_results_and_gradients(i):
     name, args, kwargs, want = _empty_calls("cpu")[i]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
-from .._library import LIB
+from .._library import LIB, op_caller, register_autograd
 from .._onnx import exporting as _onnx_exporting
 from . import onnx_impl
 from . import torch_impl as _tb
@@ -70,6 +70,7 @@ def _dynamixer_bwd(dy, x, compress_weight, generate_weight, generate_bias, r, ls
 
 LIB.impl("dynamixer_fwd", _dynamixer_fwd, "CompositeExplicitAutograd")
 LIB.impl("dynamixer_bwd", _dynamixer_bwd, "CompositeExplicitAutograd")
+dynamixer_bwd_call = op_caller("dynamixer_bwd", _dynamixer_bwd)
 
 
 @torch.library.register_fake("vitattn::dynamixer_fwd", lib=LIB)
@@ -94,13 +95,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dr, _dlse):
     x, wc, wg, bg, r, lse = ctx.saved_tensors
-    dx, dwc, dbc, dwg, dbg = torch.ops.vitattn.dynamixer_bwd(
+    dx, dwc, dbc, dwg, dbg = dynamixer_bwd_call(
         dy, x, wc, wg, bg, r, lse, ctx.segments, ctx.has_bc, ctx.backend
     )
     return (dx, dwc, dbc if ctx.has_bc else None, dwg, dbg if bg is not None else None, None, None)
 
 
-torch.library.register_autograd("vitattn::dynamixer_fwd", _backward, setup_context=_setup_context, lib=LIB)
+dynamixer_fwd_call = register_autograd("dynamixer_fwd", _dynamixer_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- validation and public op
@@ -171,7 +172,7 @@ def dynamixer(x: Tensor, compress_weight: Tensor, compress_bias: Optional[Tensor
     if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
         return onnx_impl.dynamixer(x_c, wc, bc, wg, bg, S)
     name = dispatcher.choose(backend, _context(x_c, L, C, S, d), OP)
-    y = torch.ops.vitattn.dynamixer_fwd(_to5d(x_c), wc, bc, wg, bg, S, name)[0]
+    y = dynamixer_fwd_call(_to5d(x_c), wc, bc, wg, bg, S, name)[0]
     return y.reshape(x.shape)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
-from .._library import LIB
+from .._library import LIB, op_caller, register_autograd
 from .._onnx import exporting as _onnx_exporting
 from . import onnx_impl
 from .backends import dispatcher
@@ -45,6 +45,7 @@ def _group_bwd(dout, q, k, v, out, lse, perm, groups, scale, backend):
 
 LIB.impl("group_attention_fwd", _group_fwd, "CompositeExplicitAutograd")
 LIB.impl("group_attention_bwd", _group_bwd, "CompositeExplicitAutograd")
+group_attention_bwd_call = op_caller("group_attention_bwd", _group_bwd)
 
 
 @torch.library.register_fake("vitattn::group_attention_fwd", lib=LIB)
@@ -66,12 +67,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, perm = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vitattn.group_attention_bwd(dout, q, k, v, out, lse, perm, ctx.groups, ctx.scale,
+    dq, dk, dv = group_attention_bwd_call(dout, q, k, v, out, lse, perm, ctx.groups, ctx.scale,
                                                        ctx.backend)
     return dq, dk, dv, None, None, None, None
 
 
-torch.library.register_autograd("vitattn::group_attention_fwd", _backward, setup_context=_setup_context, lib=LIB)
+group_attention_fwd_call = register_autograd("group_attention_fwd", _group_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- permutations
@@ -188,7 +189,7 @@ def group_attention(q: Tensor, k: Tensor, v: Tensor, groups: int, *, perm: Optio
     if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
         return onnx_impl.group_attention(q, k, v, perm, groups, scale)
     name = dispatcher.choose(backend, _context(q, v, groups, perm), OP)
-    return torch.ops.vitattn.group_attention_fwd(q, k, v, perm, groups, scale, name)[0]
+    return group_attention_fwd_call(q, k, v, perm, groups, scale, name)[0]
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, groups: int, *, perm: Optional[Tensor] = None,

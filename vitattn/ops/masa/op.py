@@ -4,7 +4,9 @@
 Life of a call: masa() casts for autocast, validates, turns gamma into log(gamma) per
 head, asks the dispatcher (backends.py) for a backend name and calls
 torch.ops.vitattn.masa_fwd, whose implementation runs that backend; the registered
-autograd formula calls torch.ops.vitattn.masa_bwd with the saved tensors.
+autograd formula calls torch.ops.vitattn.masa_bwd with the saved tensors. In plain eager
+mode masa_fwd_call / masa_bwd_call run the same implementations without the custom ops'
+dispatcher layers (vitattn/ops/_library.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
-from .._library import LIB
+from .._library import LIB, op_caller, register_autograd
 from .._onnx import exporting as _onnx_exporting
 from . import onnx_impl
 from .backends import dispatcher
@@ -58,6 +60,7 @@ def _masa_bwd(dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, scale, decompo
 
 LIB.impl("masa_fwd", _masa_fwd, "CompositeExplicitAutograd")
 LIB.impl("masa_bwd", _masa_bwd, "CompositeExplicitAutograd")
+masa_bwd_call = op_caller("masa_bwd", _masa_bwd)
 
 
 @torch.library.register_fake("vitattn::masa_fwd", lib=LIB)
@@ -83,12 +86,12 @@ def _backward(ctx, dout, _dv_mid, _dlse_w, _dlse_h):
     if dout is None:  # only the internal outputs were used
         return None, None, None, None, None, None, None
     q, k, v, log_gamma, out, v_mid, lse_w, lse_h = ctx.saved_tensors
-    dq, dk, dv, dlg = torch.ops.vitattn.masa_bwd(
+    dq, dk, dv, dlg = masa_bwd_call(
         dout, q, k, v, log_gamma, out, v_mid, lse_w, lse_h, ctx.scale, ctx.decomposed, ctx.backend)
     return dq, dk, dv, dlg, None, None, None
 
 
-torch.library.register_autograd("vitattn::masa_fwd", _backward, setup_context=_setup_context, lib=LIB)
+masa_fwd_call = register_autograd("masa_fwd", _masa_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- validation
@@ -158,7 +161,7 @@ def masa(q: Tensor, k: Tensor, v: Tensor, gamma, *, decomposed: bool = False,
     if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
         return onnx_impl.masa(q, k, v, log_gamma, scale, decomposed)
     name = dispatcher.choose(backend, _context(q, v, decomposed), OP)
-    return torch.ops.vitattn.masa_fwd(q, k, v, log_gamma, scale, decomposed, name)[0]
+    return masa_fwd_call(q, k, v, log_gamma, scale, decomposed, name)[0]
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, gamma, *, decomposed: bool = False,

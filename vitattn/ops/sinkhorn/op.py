@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ..._dtypes import acc_dtype, autocast_inputs
-from .._library import LIB
+from .._library import LIB, op_caller, register_autograd
 from .._onnx import exporting as _onnx_exporting
 from . import onnx_impl
 from .backends import dispatcher
@@ -54,6 +54,7 @@ def _sk_bwd(dP, S, la, lb, G, eps, backend):
 
 LIB.impl("sinkhorn_fwd", _sk_fwd, "CompositeExplicitAutograd")
 LIB.impl("sinkhorn_bwd", _sk_bwd, "CompositeExplicitAutograd")
+sinkhorn_bwd_call = op_caller("sinkhorn_bwd", _sk_bwd)
 
 
 @torch.library.register_fake("vitattn::sinkhorn_fwd", lib=LIB)
@@ -75,11 +76,11 @@ def _sk_setup(ctx, inputs, output):
 
 def _sk_backward(ctx, dP, _dG):
     S, la, lb, G = ctx.saved_tensors
-    dS, dla, dlb = torch.ops.vitattn.sinkhorn_bwd(dP.contiguous(), S, la, lb, G, ctx.eps, ctx.backend)
+    dS, dla, dlb = sinkhorn_bwd_call(dP.contiguous(), S, la, lb, G, ctx.eps, ctx.backend)
     return dS, dla, dlb, None, None, None
 
 
-torch.library.register_autograd("vitattn::sinkhorn_fwd", _sk_backward, setup_context=_sk_setup, lib=LIB)
+sinkhorn_fwd_call = register_autograd("sinkhorn_fwd", _sk_fwd, _sk_backward, _sk_setup)
 
 
 # ---------------------------------------------------------------- custom ops: ot_aggregate / ot_attention
@@ -113,6 +114,7 @@ def _ot_bwd(dout, x, ref, v, pos_filter, zeta, G, eps, attention, backend):
 
 LIB.impl("sinkhorn_ot_fwd", _ot_fwd, "CompositeExplicitAutograd")
 LIB.impl("sinkhorn_ot_bwd", _ot_bwd, "CompositeExplicitAutograd")
+sinkhorn_ot_bwd_call = op_caller("sinkhorn_ot_bwd", _ot_bwd)
 
 
 @torch.library.register_fake("vitattn::sinkhorn_ot_fwd", lib=LIB)
@@ -134,12 +136,12 @@ def _ot_setup(ctx, inputs, output):
 
 def _ot_backward(ctx, dout, _dzeta, _dG):
     x, ref, v, pos_filter, zeta, G = ctx.saved_tensors
-    dx, dref, dv = torch.ops.vitattn.sinkhorn_ot_bwd(dout.contiguous(), x, ref, v, pos_filter, zeta, G, ctx.eps,
+    dx, dref, dv = sinkhorn_ot_bwd_call(dout.contiguous(), x, ref, v, pos_filter, zeta, G, ctx.eps,
                                                      ctx.attention, ctx.backend)
     return dx, dref, dv, None, None, None, None, None
 
 
-torch.library.register_autograd("vitattn::sinkhorn_ot_fwd", _ot_backward, setup_context=_ot_setup, lib=LIB)
+sinkhorn_ot_fwd_call = register_autograd("sinkhorn_ot_fwd", _ot_fwd, _ot_backward, _ot_setup)
 
 
 # ---------------------------------------------------------------- validation
@@ -265,7 +267,7 @@ def sinkhorn(scores: Tensor, *, eps: float = 0.1, iters: int = 10, a: Optional[T
     if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
         return onnx_impl.sinkhorn(scores.reshape(-1, n, m), la, lb, eps, iters).reshape(scores.shape)
     name = dispatcher.choose(backend, _sk_context(scores), OP)
-    P = torch.ops.vitattn.sinkhorn_fwd(scores.reshape(-1, n, m), la, lb, eps, iters, name)[0]
+    P = sinkhorn_fwd_call(scores.reshape(-1, n, m), la, lb, eps, iters, name)[0]
     return P.reshape(scores.shape)
 
 
@@ -276,7 +278,7 @@ def _ot(op: str, attention: bool, x, ref, v, eps, iters, pos_filter, backend) ->
     if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: standard ops instead
         return onnx_impl.ot(x, ref, v, filt, eps, iters, attention)
     name = dispatcher.choose(backend, _ot_context(op, x, ref, v), op)
-    return torch.ops.vitattn.sinkhorn_ot_fwd(x, ref, v, filt, eps, iters, attention, name)[0]
+    return sinkhorn_ot_fwd_call(x, ref, v, filt, eps, iters, attention, name)[0]
 
 
 def ot_aggregate(x: Tensor, ref: Tensor, v: Optional[Tensor] = None, *, eps: float = 0.1, iters: int = 10,
