@@ -410,3 +410,26 @@ def test_models_know_no_kernels():
             glob.glob(os.path.join(ROOT, "vitattn", "nn", "*.py")):
         src = open(path).read()
         assert "kernels" not in src.replace("kernel_size", ""), path
+
+
+def test_auto_choice_is_kept_per_call_signature():
+    """"auto" walks the can-run checks once per distinct ctx (a model repeats a few shapes);
+    a new ctx walks them again, and the choice is the one the walk gives."""
+    from vitattn import _dispatch as D
+
+    calls_seen = []
+
+    def check(ctx, auto):
+        calls_seen.append(ctx["n"])
+        return None if ctx["n"] % 2 == 0 else "odd sizes are not supported (test)"
+
+    disp = D.Dispatcher("test_op", [D.Backend("even", 10, check, lambda: None),
+                                    D.Backend("any", 100, D.any_device, lambda: None)], ("auto", "even", "any"))
+    ctx = lambda n: dict(device=torch.device("cpu"), dtype=torch.float32, n=n)
+    assert [disp.choose("auto", ctx(4)) for _ in range(3)] == ["even"] * 3
+    assert calls_seen == [4]
+    assert [disp.choose("auto", ctx(5)) for _ in range(3)] == ["any"] * 3
+    assert calls_seen == [4, 5]
+    with pytest.raises(D.BackendUnavailableError, match="odd sizes"):
+        disp.choose("even", ctx(5))  # a named backend is always checked
+    assert calls_seen == [4, 5, 5]

@@ -29,6 +29,8 @@ from . import _env, _extension, _triton
 
 log = logging.getLogger("vitattn.dispatch")
 
+_AUTO_CACHE_SIZE = 4096  # distinct call signatures remembered per op before starting over
+
 # the public ops, by the names explain(), VITATTN_BACKEND and error messages use
 OPS = ("masa", "sinkhorn", "ot_aggregate", "ot_attention", "group_attention", "dynamixer")
 
@@ -123,6 +125,7 @@ class Dispatcher:
             with open(measured_path) as f:
                 self._measured = json.load(f)
         self._override_cache: Dict[Tuple[str, str], Optional[str]] = {}
+        self._auto_cache: Dict[Any, str] = {}  # (op, ctx items) -> the backend "auto" chose
         self._static = sorted(self.backends.values(), key=lambda b: b.rank)
 
     # ------------------------------------------------------------ ordering
@@ -198,12 +201,27 @@ class Dispatcher:
                 src = " (chosen by the environment variable VITATTN_BACKEND)" if via_env else ""
                 raise BackendUnavailableError(f"{op}: backend {requested!r}{src} cannot run: {why}")
             return requested
+        # the walk depends on ctx alone (checks are pure; the environment was read above): a
+        # model calls an op with a few shapes over and over, so the answer is kept per ctx
+        key = None
+        if not _compiling():
+            try:
+                key = (op, tuple(ctx.items()))
+                hit = self._auto_cache.get(key)
+            except TypeError:  # an unhashable value (symbolic sizes): walk every time
+                key = hit = None
+            if hit is not None:
+                return hit
         reasons = []
         for b in self.ordered(ctx):
             why = self.reason(b.name, ctx, auto=True)
             if why is None:
                 if reasons and not _compiling() and log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: auto chose %r after skipping %s", op, b.name, "; ".join(reasons))
+                if key is not None:
+                    if len(self._auto_cache) >= _AUTO_CACHE_SIZE:
+                        self._auto_cache.clear()
+                    self._auto_cache[key] = b.name
                 return b.name
             reasons.append(f"{b.name}: {why}")
         raise BackendUnavailableError(f"{op}: no backend can run this call: " + "; ".join(reasons))
