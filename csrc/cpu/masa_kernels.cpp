@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -411,8 +412,44 @@ void pack_rows(const View<S>& src, int64_t n0, int64_t rows, int64_t F, T* dst, 
 }
 
 // dst (F x ld) = the problem's N tokens transposed, zero in columns N <= n < ld.
+// fp32 (ld a multiple of 8): 8 tokens x 8 features at a time through a small buffer and
+// at::vec's register transpose; an element-by-element scatter (stride ld) cost as much as
+// the short lines' GEMMs.
 template <typename S, typename T>
 void pack_transposed(const View<S>& src, int64_t N, int64_t F, T* dst, int64_t ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (ld % 8 == 0) {
+      alignas(64) T tile[8 * 8];
+      const S* tok[8];
+      for (int64_t n0 = 0; n0 < ld; n0 += 8) {
+        const int64_t cnt = imax(0, imin(8, N - n0));
+        if (cnt > 0) src.each(n0, n0 + cnt, [&](int64_t i, const S* s) { tok[i] = s; });
+        for (int64_t f0 = 0; f0 < F; f0 += 8) {
+          const int64_t fw = imin(8, F - f0);
+          for (int64_t i = 0; i < 8; ++i) {
+            T* t = tile + i * 8;
+            if (i >= cnt) {
+              for (int f = 0; f < 8; ++f) t[f] = T(0);
+            } else if (std::is_same_v<S, T> && src.sf == 1 && fw == 8) {
+              std::memcpy(t, tok[i] + f0, 8 * sizeof(T));
+            } else {
+              const S* s = tok[i] + f0 * src.sf;
+              int f = 0;
+              for (; f < fw; ++f) t[f] = static_cast<T>(s[f * src.sf]);
+              for (; f < 8; ++f) t[f] = T(0);
+            }
+          }
+          if (fw == 8) {
+            at::vec::transpose_mxn<T, 8, 8>(tile, 8, dst + f0 * ld + n0, ld);
+          } else {
+            for (int64_t f = 0; f < fw; ++f)
+              for (int i = 0; i < 8; ++i) dst[(f0 + f) * ld + n0 + i] = tile[i * 8 + f];
+          }
+        }
+      }
+      return;
+    }
+  }
   src.each(0, N, [&](int64_t n, const S* s) {
     for (int64_t f = 0; f < F; ++f) dst[f * ld + n] = static_cast<T>(s[f * src.sf]);
   });
