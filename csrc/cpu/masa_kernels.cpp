@@ -165,6 +165,58 @@ struct StoreC {
   }
 };
 
+// C (row stride ldc) = or += mul * the product: write_rows' arithmetic, straight from the
+// registers into the output's tokens.
+template <typename T>
+struct StoreScaled {
+  T* C;
+  int64_t ldc;
+  T mul;
+  bool accumulate;
+  template <int MR, int NV>
+  inline void tile(Vectorized<T> (&c)[MR][NV], int64_t i, int64_t j) {
+    constexpr int L = kLanes<T>;
+    const Vectorized<T> m(mul);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        T* p = C + (i + r) * ldc + j + v * L;
+        Vectorized<T> x = c[r][v] * m;
+        if (accumulate) x = x + Vectorized<T>::loadu(p);
+        x.store(p);
+      }
+  }
+};
+
+// Exact backward, dP = dO v^T: the softmax's normalisation P = E * inv (E = exp(s - max) in
+// place, inv = 1 / rowsum(E) per block row) applied to the tile's probabilities, dP stored,
+// and rowsum(P * dP) accumulated per lane in acc (M x L), columns in ascending order: the
+// separate passes' arithmetic, one pass fewer over the tile each.
+template <typename T>
+struct DProbsEpi {
+  T* P;
+  T* dP;
+  int64_t ld;
+  const T* inv;  // block rows
+  T* acc;        // M x L
+  template <int MR, int NV>
+  inline void tile(Vectorized<T> (&c)[MR][NV], int64_t i, int64_t j) {
+    using V = Vectorized<T>;
+    constexpr int L = kLanes<T>;
+    for (int r = 0; r < MR; ++r) {
+      const V f(inv[i + r]);
+      V a = V::loadu(acc + (i + r) * L);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t off = (i + r) * ld + j + v * L;
+        const V p = V::loadu(P + off) * f;
+        p.store(P + off);
+        c[r][v].store(dP + off);
+        a = at::vec::fmadd(p, c[r][v], a);
+      }
+      a.store(acc + (i + r) * L);
+    }
+  }
+};
+
 // ---------------------------------------------------------------- decay
 
 // Token coordinates of one problem (row y, column x), padded tokens at 0.
@@ -289,10 +341,11 @@ struct DScoresEpi {
   }
 };
 
-// Each of the M rows (cols wide, -inf on padded keys) of S replaced by its softmax, with
-// the row maxima the scores epilogue left in rowmax: the forward's arithmetic exactly.
+// The softmax of each of the M rows (cols wide, -inf on padded keys) of S, with the row
+// maxima the scores epilogue left in rowmax, as the forward forms it: E = exp(s - max) in
+// place and inv[i] = 1 / rowsum(E); the multiplication by inv is DProbsEpi's.
 template <typename T>
-void softmax_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax) {
+void softmax_exp_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax, T* inv) {
   using V = Vectorized<T>;
   constexpr int L = kLanes<T>;
   for (int64_t i = 0; i < M; ++i) {
@@ -304,26 +357,22 @@ void softmax_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax) {
       acc = acc + p;
       p.store(srow + j);
     }
-    const V inv(T(1) / hsum(acc));
-    for (int64_t j = 0; j < cols; j += L) (V::loadu(srow + j) * inv).store(srow + j);
+    inv[i] = T(1) / hsum(acc);
   }
 }
 
 // dS = P * (dP - delta) in place of dP for rows [0, M) of a tile, with delta = rowsum(P * dP)
-// written to delta[i]; returns sum(dS * distance) (the gradient of log_gamma).
+// from its per-lane sums in acc (M x L); returns sum(dS * distance) (the gradient of log_gamma).
 template <typename T, bool kGrid>
-T ds_from_dp(const T* P, T* dS, int64_t ld, int64_t M, int64_t cols, Coords<T> qc, Coords<T> kc, T* delta) {
+T ds_from_dp_acc(const T* P, T* dS, int64_t ld, int64_t M, int64_t cols, Coords<T> qc, Coords<T> kc,
+                 const T* acc) {
   using V = Vectorized<T>;
   constexpr int L = kLanes<T>;
   V g(T(0));
   for (int64_t i = 0; i < M; ++i) {
     const T* p = P + i * ld;
     T* ds = dS + i * ld;
-    V acc(T(0));
-    for (int64_t j = 0; j < cols; j += L) acc = at::vec::fmadd(V::loadu(p + j), V::loadu(ds + j), acc);
-    const T dl = hsum(acc);
-    delta[i] = dl;
-    const V vdl(dl), qy(kGrid ? qc.y[i] : T(0)), qx(qc.x[i]);
+    const V vdl(hsum(V::loadu(acc + i * L))), qy(kGrid ? qc.y[i] : T(0)), qx(qc.x[i]);
     for (int64_t j = 0; j < cols; j += L) {
       const V x = V::loadu(p + j) * (V::loadu(ds + j) - vdl);
       x.store(ds + j);
@@ -424,14 +473,25 @@ void pack_transposed(const View<S>& src, int64_t N, int64_t F, T* dst, int64_t l
       for (int64_t n0 = 0; n0 < ld; n0 += 8) {
         const int64_t cnt = imax(0, imin(8, N - n0));
         if (cnt > 0) src.each(n0, n0 + cnt, [&](int64_t i, const S* s) { tok[i] = s; });
+        // 8 tokens equally spaced (a row or column, or a contiguous grid): straight from the tensor
+        const int64_t step = cnt == 8 ? tok[1] - tok[0] : 0;
+        const bool direct = std::is_same_v<S, T> && src.sf == 1 && cnt == 8 && tok[7] - tok[0] == 7 * step;
         for (int64_t f0 = 0; f0 < F; f0 += 8) {
           const int64_t fw = imin(8, F - f0);
+          if (direct && fw == 8) {
+            at::vec::transpose_mxn<T, 8, 8>(reinterpret_cast<const T*>(tok[0]) + f0, step, dst + f0 * ld + n0, ld);
+            continue;
+          }
           for (int64_t i = 0; i < 8; ++i) {
             T* t = tile + i * 8;
             if (i >= cnt) {
               for (int f = 0; f < 8; ++f) t[f] = T(0);
             } else if (std::is_same_v<S, T> && src.sf == 1 && fw == 8) {
-              std::memcpy(t, tok[i] + f0, 8 * sizeof(T));
+              // one 32-byte store where the vectors are 8 wide: the transpose's loads forward from it
+              if constexpr (kLanes<T> == 8)
+                Vectorized<T>::loadu(reinterpret_cast<const T*>(tok[i]) + f0).store(t);
+              else
+                std::memcpy(t, tok[i] + f0, 8 * sizeof(T));
             } else {
               const S* s = tok[i] + f0 * src.sf;
               int f = 0;
@@ -639,21 +699,54 @@ void problem_fwd(const FwdBuf<T>& b, int64_t X, T scale, T lg, const View<S>& q,
 
 // ---------------------------------------------------------------- one problem, backward
 
-// Gradients of one problem into b.gq (unscaled: times scale on the way out), b.gk, b.gv;
-// returns the problem's sum of dS * distance (dL / dlog_gamma).
+// The tokens of a view equally spaced (v.sx apart), features contiguous.
+template <typename S>
+inline bool uniform(const View<S>& v, int64_t N) {
+  return v.sf == 1 && (N <= v.X || v.sy == v.X * v.sx);
+}
+
+// A problem whose k and dout rows are read in place and whose gradients the GEMMs store
+// straight into the outputs' tokens (dq = scale * dS K, dk = dS^T (scale q), each added to
+// the output with add; dv written): fp32 / fp64 tensors with equally spaced tokens and
+// contiguous features, d and dv multiples of the vector width, one query and one key block.
+template <typename T>
+struct BwdDirect {
+  bool on = false, add = false;
+  T *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+};
+
+// Gradients of one problem into b.gq (unscaled: times scale on the way out), b.gk, b.gv, or
+// with dir.on into the outputs; returns the problem's sum of dS * distance (dL / dlog_gamma).
 template <typename SQ, typename SD, typename SO, typename T, bool kGrid>
 double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>& q, const View<SQ>& k,
-                   const View<SQ>& v, const View<SD>& dout, const View<SO>& out, const View<T>& lse) {
+                   const View<SQ>& v, const View<SD>& dout, const View<SO>& out, const View<T>& lse,
+                   const BwdDirect<T>& dir) {
   using V = Vectorized<T>;
   constexpr int L = kLanes<T>;
   const Blocking& bk = b.bk;
   const int64_t N = b.N, d = b.d, dv = b.dv, Np = b.Np, dp = b.dp, dvp = b.dvp;
   fill_coords(b.ky, b.kx, N, X, Np);
   pack_rows(q, 0, N, d, b.q, dp, scale);
-  pack_rows(k, 0, N, d, b.k, dp, T(1));
+  const T* Kr = b.k;
+  const T* dOr = b.dout;
+  int64_t ldk = dp, ldo = dvp;
+  bool packed = true;
+  if constexpr (std::is_same_v<SQ, T> && std::is_same_v<SD, T>) {
+    if (dir.on) {
+      Kr = k.p;
+      ldk = k.sx;
+      dOr = dout.p;
+      ldo = dout.sx;
+      packed = false;
+    }
+  }
+  if (packed) {
+    pack_rows(k, 0, N, d, b.k, dp, T(1));
+    pack_rows(dout, 0, N, dv, b.dout, dvp, T(1));
+  }
   pack_transposed(k, N, d, b.kt, Np);
   pack_transposed(v, N, dv, b.vt, Np);
-  pack_rows(dout, 0, N, dv, b.dout, dvp, T(1));
   // With the whole row in one key block (every row, column and grid up to kMaxKeys tokens)
   // the probabilities are recomputed exactly as the forward formed them (row max, sum,
   // normalisation) and delta = rowsum(P * dP) (= rowsum(dO * O), since O = P V). With
@@ -675,7 +768,7 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
   for (int64_t i0 = 0; i0 < N; i0 += bk.BM) {
     const int64_t M = imin(bk.BM, N - i0);
     const T* Q = b.q + i0 * dp;
-    const T* dO = b.dout + i0 * dvp;
+    const T* dO = dOr + i0 * ldo;
     for (int64_t jb = 0; jb < bk.nkb; ++jb) {
       const int64_t j0 = bk.j0(jb), nvalid = bk.nvalid(jb), cols = round_up(nvalid, L);
       const Coords<T> qc{all.y + i0, all.x + i0}, kc{all.y + j0, all.x + j0};
@@ -683,26 +776,36 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
         for (int64_t i = 0; i < M; ++i) V(-kInf<T>).store(b.rowmax + i * L);
         ScoresEpi<T, kGrid> se{b.p, bk.BN, qc, kc, nvalid, lg, b.rowmax};
         gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, se);
-        softmax_rows(b.p, bk.BN, M, cols, b.rowmax);
+        softmax_exp_rows(b.p, bk.BN, M, cols, b.rowmax, b.lse);  // b.lse: 1 / rowsum (unused otherwise)
       } else {
         ProbsEpi<T, kGrid> pe{b.p, bk.BN, qc, kc, nvalid, lg, b.lse + i0};
         gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, pe);
       }
       if (exact) {
-        StoreC<T> dpc{b.ds, bk.BN, false};
-        gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, dpc);
-        dlg += static_cast<double>(ds_from_dp<T, kGrid>(b.p, b.ds, bk.BN, M, cols, qc, kc, b.delta + i0));
+        for (int64_t i = 0; i < M; ++i) V(T(0)).store(b.rowmax + i * L);  // rowsum(P * dP) per lane
+        DProbsEpi<T> dpe{b.p, b.ds, bk.BN, b.lse, b.rowmax};
+        gemm<T>(M, cols, dv, dO, ldo, 1, b.vt + j0, Np, dpe);
+        dlg += static_cast<double>(ds_from_dp_acc<T, kGrid>(b.p, b.ds, bk.BN, M, cols, qc, kc, b.rowmax));
       } else {
         DScoresEpi<T, kGrid> de{b.p, b.ds, bk.BN, qc, kc, b.delta + i0, V(T(0))};
-        gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, de);
+        gemm<T>(M, cols, dv, dO, ldo, 1, b.vt + j0, Np, de);
         dlg += static_cast<double>(hsum(de.dlg));
       }
+      if (!packed) {  // one query block and one key block: i0 = j0 = 0
+        StoreC<T> dvc{dir.dv, dir.ldv, false};
+        gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, ldo, dvc);  // dV = P^T dO
+        StoreScaled<T> dkc{dir.dk, dir.ldk, T(1), dir.add};
+        gemm<T>(nvalid, dp, M, b.ds, 1, bk.BN, Q, dp, dkc);  // dK (+)= dS^T (scale q)
+        StoreScaled<T> dqc{dir.dq, dir.ldq, scale, dir.add};
+        gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, Kr, ldk, dqc);  // dQ (+)= scale dS K
+        continue;
+      }
       StoreC<T> dvc{b.gv + j0 * dvp, dvp, i0 > 0};
-      gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, dvp, dvc);  // dV += P^T dO
+      gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, ldo, dvc);  // dV += P^T dO
       StoreC<T> dkc{b.gk + j0 * dp, dp, i0 > 0};
       gemm<T>(nvalid, dp, M, b.ds, 1, bk.BN, Q, dp, dkc);  // dK += dS^T (scale q)
       StoreC<T> dqc{b.gq + i0 * dp, dp, jb > 0};
-      gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, b.k + j0 * dp, dp, dqc);  // dQ += dS K
+      gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, Kr + j0 * ldk, ldk, dqc);  // dQ += dS K
     }
   }
   return dlg;
@@ -826,20 +929,40 @@ double line_pass_bwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t 
   const BwdBuf<T> buf(ar, ps.N(), a.d, a.dv);
   const T lg = log_gamma_of<T>(a, h), scale = static_cast<T>(a.scale);
   const int64_t X = ps.X, N = ps.N();
+  BwdDirect<T> dir;
+  if constexpr (std::is_same_v<SQ, T> && std::is_same_v<SD, T> && std::is_same_v<DQ, T> && std::is_same_v<DV, T>) {
+    constexpr int L = kLanes<T>;
+    const masa::Problem p0{b, h, 0};
+    dir.on = buf.bk.nkb == 1 && buf.bk.BM == N && a.d % L == 0 && a.dv % L == 0 &&
+             uniform(view_of<SQ>(a.k, axis, p0, X), N) && uniform(view_of<SD>(dout, axis, p0, X), N) &&
+             uniform(view_of<DQ>(tg.dq, axis, p0, X), N) && uniform(view_of<DQ>(tg.dk, axis, p0, X), N) &&
+             uniform(view_of<DV>(tg.dv, axis, p0, X), N);
+    dir.add = tg.add_dq_dk;
+  }
   double dlg = 0;
   for (int64_t r = 0; r < ps.R; ++r) {
     const masa::Problem pb{b, h, r};
+    if constexpr (std::is_same_v<DQ, T> && std::is_same_v<DV, T>) {
+      if (dir.on) {
+        const View<DQ> tq = view_of<DQ>(tg.dq, axis, pb, X), tk = view_of<DQ>(tg.dk, axis, pb, X);
+        const View<DV> tv = view_of<DV>(tg.dv, axis, pb, X);
+        dir.dq = tq.p, dir.ldq = tq.sx;
+        dir.dk = tk.p, dir.ldk = tk.sx;
+        dir.dv = tv.p, dir.ldv = tv.sx;
+      }
+    }
     if (axis == Axis::full) {
       dlg += problem_bwd<SQ, SD, SO, T, true>(buf, X, scale, lg, view_of<SQ>(a.q, axis, pb, X),
                                               view_of<SQ>(a.k, axis, pb, X), view_of<SQ>(vin, axis, pb, X),
                                               view_of<SD>(dout, axis, pb, X), view_of<SO>(out, axis, pb, X),
-                                              lse_view_of<T>(lse, axis, pb, X));
+                                              lse_view_of<T>(lse, axis, pb, X), dir);
     } else {
       dlg += problem_bwd<SQ, SD, SO, T, false>(buf, X, scale, lg, view_of<SQ>(a.q, axis, pb, X),
                                                view_of<SQ>(a.k, axis, pb, X), view_of<SQ>(vin, axis, pb, X),
                                                view_of<SD>(dout, axis, pb, X), view_of<SO>(out, axis, pb, X),
-                                               lse_view_of<T>(lse, axis, pb, X));
+                                               lse_view_of<T>(lse, axis, pb, X), dir);
     }
+    if (dir.on) continue;
     write_rows(view_of<DQ>(tg.dq, axis, pb, X), 0, N, a.d, buf.gq, buf.dp, scale, tg.add_dq_dk);
     write_rows(view_of<DQ>(tg.dk, axis, pb, X), 0, N, a.d, buf.gk, buf.dp, T(1), tg.add_dq_dk);
     write_rows(view_of<DV>(tg.dv, axis, pb, X), 0, N, a.dv, buf.gv, buf.dvp, T(1), false);
