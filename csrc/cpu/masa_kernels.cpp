@@ -165,14 +165,41 @@ struct StoreC {
   }
 };
 
-// C (row stride ldc) = or += mul * the product: write_rows' arithmetic, straight from the
-// registers into the output's tokens.
+// x stored at p, bypassing the caches (no read of the line first) where the build has
+// streaming stores and p is vector-aligned: for outputs written once, in whole lines.
+template <typename T>
+inline void store_stream(T* p, const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, x);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 == 0) return _mm256_stream_ps(p, x);
+  }
+#endif
+  x.store(p);
+}
+
+// Orders this thread's streaming stores before what follows (the end of a task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// C (row stride ldc) = mul * the product (+ the same element of src, row stride lds, with
+// accumulate: src is C itself or the partial sums of an earlier pass): write_rows'
+// arithmetic, straight from the registers into the output's tokens; streamed with stream.
 template <typename T>
 struct StoreScaled {
   T* C;
   int64_t ldc;
   T mul;
   bool accumulate;
+  const T* src;
+  int64_t lds;
+  bool stream;
   template <int MR, int NV>
   inline void tile(Vectorized<T> (&c)[MR][NV], int64_t i, int64_t j) {
     constexpr int L = kLanes<T>;
@@ -181,8 +208,11 @@ struct StoreScaled {
       for (int v = 0; v < NV; ++v) {
         T* p = C + (i + r) * ldc + j + v * L;
         Vectorized<T> x = c[r][v] * m;
-        if (accumulate) x = x + Vectorized<T>::loadu(p);
-        x.store(p);
+        if (accumulate) x = x + Vectorized<T>::loadu(src + (i + r) * lds + j + v * L);
+        if (stream)
+          store_stream(p, x);
+        else
+          x.store(p);
       }
   }
 };
@@ -711,9 +741,11 @@ inline bool uniform(const View<S>& v, int64_t N) {
 // contiguous features, d and dv multiples of the vector width, one query and one key block.
 template <typename T>
 struct BwdDirect {
-  bool on = false, add = false;
+  bool on = false, add = false, stream = false;
   T *dq = nullptr, *dk = nullptr, *dv = nullptr;
   int64_t ldq = 0, ldk = 0, ldv = 0;
+  const T *aq = nullptr, *ak = nullptr;  // with add: what is added (dq / dk themselves, or slabs)
+  int64_t ldaq = 0, ldak = 0;
 };
 
 // Gradients of one problem into b.gq (unscaled: times scale on the way out), b.gk, b.gv, or
@@ -792,11 +824,11 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
         dlg += static_cast<double>(hsum(de.dlg));
       }
       if (!packed) {  // one query block and one key block: i0 = j0 = 0
-        StoreC<T> dvc{dir.dv, dir.ldv, false};
+        StoreScaled<T> dvc{dir.dv, dir.ldv, T(1), false, nullptr, 0, dir.stream};
         gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, ldo, dvc);  // dV = P^T dO
-        StoreScaled<T> dkc{dir.dk, dir.ldk, T(1), dir.add};
+        StoreScaled<T> dkc{dir.dk, dir.ldk, T(1), dir.add, dir.ak, dir.ldak, dir.stream};
         gemm<T>(nvalid, dp, M, b.ds, 1, bk.BN, Q, dp, dkc);  // dK (+)= dS^T (scale q)
-        StoreScaled<T> dqc{dir.dq, dir.ldq, scale, dir.add};
+        StoreScaled<T> dqc{dir.dq, dir.ldq, scale, dir.add, dir.aq, dir.ldaq, dir.stream};
         gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, Kr, ldk, dqc);  // dQ (+)= scale dS K
         continue;
       }
@@ -880,8 +912,8 @@ void fwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
 }
 
 // Backward scratch: per-problem buffers, plus for the decomposed form the (H, W) slabs of
-// the dq / dk accumulators (unless the outputs are of type T and serve as their own) and
-// of dv_mid.
+// the dq / dk accumulators (the H pass's parts; fp32 / fp64 outputs serve as their own
+// where the W pass is not direct) and of dv_mid.
 template <typename S, typename T>
 struct BwdSlabs {
   T *dq, *dk, *dv_mid;
@@ -892,10 +924,8 @@ struct BwdSlabs {
     dvp = round_up(a.dv, L);
     dq = dk = dv_mid = nullptr;
     if (a.mode != MasaMode::decomposed) return;
-    if constexpr (!std::is_same_v<S, T>) {
-      dq = ar.take<T>(a.H * a.W * dp);
-      dk = ar.take<T>(a.H * a.W * dp);
-    }
+    dq = ar.take<T>(a.H * a.W * dp);
+    dk = ar.take<T>(a.H * a.W * dp);
     dv_mid = ar.take<T>(a.H * a.W * dvp);
   }
 };
@@ -917,10 +947,42 @@ int64_t bwd_scratch(const MasaArgs& a) {
 
 // Where one pass's gradients go: dq, dk, dv of each problem are written (or added) to
 // these tensors, seen along the pass's axis.
+// With from_slab (direct problems only, see bwd_direct) dq and dk are written as this pass's
+// part plus add_q / add_k, the earlier pass's parts in (H, W) slabs of type T; with stream
+// the outputs are written with streaming stores (written once, never read back here).
 struct BwdTargets {
   MasaTensor dq, dk, dv;
   bool add_dq_dk;
+  MasaTensor add_q{}, add_k{};
+  bool from_slab = false, stream = false;
 };
+
+// Whether a pass's problems take problem_bwd's direct path (BwdDirect).
+template <typename SQ, typename SD, typename DQ, typename DV, typename T>
+bool bwd_direct(const MasaArgs& a, Axis axis, int64_t b, int64_t h, const MasaTensor& dout, const BwdTargets& tg) {
+  if constexpr (std::is_same_v<SQ, T> && std::is_same_v<SD, T> && std::is_same_v<DQ, T> && std::is_same_v<DV, T>) {
+    constexpr int L = kLanes<T>;
+    const masa::Pass ps = masa::pass_of(axis, a.H, a.W);
+    const int64_t X = ps.X, N = ps.N();
+    const Blocking bk(N, L);
+    const masa::Problem p0{b, h, 0};
+    return bk.nkb == 1 && bk.BM == N && a.d % L == 0 && a.dv % L == 0 &&
+           uniform(view_of<SQ>(a.k, axis, p0, X), N) && uniform(view_of<SD>(dout, axis, p0, X), N) &&
+           uniform(view_of<DQ>(tg.dq, axis, p0, X), N) && uniform(view_of<DQ>(tg.dk, axis, p0, X), N) &&
+           uniform(view_of<DV>(tg.dv, axis, p0, X), N);
+  } else {
+    return false;
+  }
+}
+
+// Streaming stores only where every register-tile row fills whole 64-byte lines.
+template <typename T>
+bool whole_lines(const MasaTensor& t, Axis axis, int64_t F) {
+  const masa::Strides6 s = masa::map_strides(axis, t.stride);
+  return std::is_same_v<T, float> && (F * sizeof(T)) % 64 == 0 && (s.x * sizeof(T)) % 64 == 0 &&
+         (s.y * sizeof(T)) % 64 == 0 && (t.stride[0] * sizeof(T)) % 64 == 0 && (t.stride[1] * sizeof(T)) % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data) % 64 == 0;
+}
 
 template <typename SQ, typename SD, typename SO, typename DQ, typename DV, typename T>
 double line_pass_bwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t h, const MasaTensor& vin,
@@ -930,15 +992,10 @@ double line_pass_bwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t 
   const T lg = log_gamma_of<T>(a, h), scale = static_cast<T>(a.scale);
   const int64_t X = ps.X, N = ps.N();
   BwdDirect<T> dir;
-  if constexpr (std::is_same_v<SQ, T> && std::is_same_v<SD, T> && std::is_same_v<DQ, T> && std::is_same_v<DV, T>) {
-    constexpr int L = kLanes<T>;
-    const masa::Problem p0{b, h, 0};
-    dir.on = buf.bk.nkb == 1 && buf.bk.BM == N && a.d % L == 0 && a.dv % L == 0 &&
-             uniform(view_of<SQ>(a.k, axis, p0, X), N) && uniform(view_of<SD>(dout, axis, p0, X), N) &&
-             uniform(view_of<DQ>(tg.dq, axis, p0, X), N) && uniform(view_of<DQ>(tg.dk, axis, p0, X), N) &&
-             uniform(view_of<DV>(tg.dv, axis, p0, X), N);
-    dir.add = tg.add_dq_dk;
-  }
+  dir.on = bwd_direct<SQ, SD, DQ, DV, T>(a, axis, b, h, dout, tg);
+  dir.add = tg.add_dq_dk;
+  dir.stream = dir.on && tg.stream && whole_lines<T>(tg.dq, axis, a.d) && whole_lines<T>(tg.dk, axis, a.d) &&
+               whole_lines<T>(tg.dv, axis, a.dv);
   double dlg = 0;
   for (int64_t r = 0; r < ps.R; ++r) {
     const masa::Problem pb{b, h, r};
@@ -949,6 +1006,13 @@ double line_pass_bwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t 
         dir.dq = tq.p, dir.ldq = tq.sx;
         dir.dk = tk.p, dir.ldk = tk.sx;
         dir.dv = tv.p, dir.ldv = tv.sx;
+        dir.aq = tq.p, dir.ldaq = tq.sx;
+        dir.ak = tk.p, dir.ldak = tk.sx;
+        if (tg.from_slab) {
+          const View<T> sq = view_of<T>(tg.add_q, axis, pb, X), sk = view_of<T>(tg.add_k, axis, pb, X);
+          dir.aq = sq.p, dir.ldaq = sq.sx;
+          dir.ak = sk.p, dir.ldak = sk.sx;
+        }
       }
     }
     if (axis == Axis::full) {
@@ -977,12 +1041,14 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
     Arena ar{static_cast<char*>(a.scratch) + slot * a.scratch_slot_bytes};
     const int64_t b = task / a.heads, h = task % a.heads;
     if (a.mode == MasaMode::full) {
-      const BwdTargets tg{a.grad_q, a.grad_k, a.grad_v, false};
+      BwdTargets tg{a.grad_q, a.grad_k, a.grad_v, false};
+      tg.stream = true;
       parts[task] = line_pass_bwd<S, S, S, S, S, T>(ar, a, Axis::full, b, h, a.v, a.dout, a.out, a.lse, tg);
       continue;
     }
     const BwdSlabs<S, T> sl(ar, a);
-    // this head's accumulators: the outputs themselves when they have the compute type
+    // this head's accumulators where the W pass is not direct: the outputs themselves when
+    // they have the compute type
     MasaTensor dq_acc = a.grad_q, dk_acc = a.grad_k;
     const masa::Problem pb0{b, h, 0};
     if constexpr (!std::is_same_v<S, T>) {
@@ -992,7 +1058,14 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
     const MasaTensor dv_mid = slab(sl.dv_mid, a.W, sl.dvp);
     // the pass along H (last in the forward) first: its dv is dv_mid, the dout of the W pass
     double dlg;
-    if constexpr (std::is_same_v<S, T>) {
+    // fp32 / fp64 with the pass along W direct: the H pass's dq / dk parts go to the slabs
+    // (in cache) and the W pass writes the outputs once, streamed (no read of their lines)
+    BwdTargets tw{a.grad_q, a.grad_k, a.grad_v, true, slab(sl.dq, a.W, sl.dp), slab(sl.dk, a.W, sl.dp), true, true};
+    if (std::is_same_v<S, T> && bwd_direct<S, T, T, S, T>(a, Axis::w, b, h, dv_mid, tw)) {
+      const BwdTargets th{tw.add_q, tw.add_k, dv_mid, false};
+      dlg = line_pass_bwd<S, S, S, T, T, T>(ar, a, Axis::h, b, h, a.v_mid, a.dout, a.out, a.lse, th);
+      dlg += line_pass_bwd<S, T, S, T, S, T>(ar, a, Axis::w, b, h, a.v, dv_mid, a.v_mid, a.lse_w, tw);
+    } else if constexpr (std::is_same_v<S, T>) {
       const BwdTargets th{a.grad_q, a.grad_k, dv_mid, false};
       dlg = line_pass_bwd<S, S, S, T, T, T>(ar, a, Axis::h, b, h, a.v_mid, a.dout, a.out, a.lse, th);
       const BwdTargets tw{a.grad_q, a.grad_k, a.grad_v, true};
@@ -1009,6 +1082,7 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
     }
     parts[task] = dlg;
   }
+  stream_fence();
 }
 
 template <typename Fn>
