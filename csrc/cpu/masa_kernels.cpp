@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -164,6 +165,88 @@ struct StoreC {
   }
 };
 
+// x stored at p, bypassing the caches (no read of the line first) where the build has
+// streaming stores and p is vector-aligned: for outputs written once, in whole lines.
+template <typename T>
+inline void store_stream(T* p, const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, x);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 == 0) return _mm256_stream_ps(p, x);
+  }
+#endif
+  x.store(p);
+}
+
+// Orders this thread's streaming stores before what follows (the end of a task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// C (row stride ldc) = mul * the product (+ the same element of src, row stride lds, with
+// accumulate: src is C itself or the partial sums of an earlier pass): write_rows'
+// arithmetic, straight from the registers into the output's tokens; streamed with stream.
+template <typename T>
+struct StoreScaled {
+  T* C;
+  int64_t ldc;
+  T mul;
+  bool accumulate;
+  const T* src;
+  int64_t lds;
+  bool stream;
+  template <int MR, int NV>
+  inline void tile(Vectorized<T> (&c)[MR][NV], int64_t i, int64_t j) {
+    constexpr int L = kLanes<T>;
+    const Vectorized<T> m(mul);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        T* p = C + (i + r) * ldc + j + v * L;
+        Vectorized<T> x = c[r][v] * m;
+        if (accumulate) x = x + Vectorized<T>::loadu(src + (i + r) * lds + j + v * L);
+        if (stream)
+          store_stream(p, x);
+        else
+          x.store(p);
+      }
+  }
+};
+
+// Exact backward, dP = dO v^T: the softmax's normalisation P = E * inv (E = exp(s - max) in
+// place, inv = 1 / rowsum(E) per block row) applied to the tile's probabilities, dP stored,
+// and rowsum(P * dP) accumulated per lane in acc (M x L), columns in ascending order: the
+// separate passes' arithmetic, one pass fewer over the tile each.
+template <typename T>
+struct DProbsEpi {
+  T* P;
+  T* dP;
+  int64_t ld;
+  const T* inv;  // block rows
+  T* acc;        // M x L
+  template <int MR, int NV>
+  inline void tile(Vectorized<T> (&c)[MR][NV], int64_t i, int64_t j) {
+    using V = Vectorized<T>;
+    constexpr int L = kLanes<T>;
+    for (int r = 0; r < MR; ++r) {
+      const V f(inv[i + r]);
+      V a = V::loadu(acc + (i + r) * L);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t off = (i + r) * ld + j + v * L;
+        const V p = V::loadu(P + off) * f;
+        p.store(P + off);
+        c[r][v].store(dP + off);
+        a = at::vec::fmadd(p, c[r][v], a);
+      }
+      a.store(acc + (i + r) * L);
+    }
+  }
+};
+
 // ---------------------------------------------------------------- decay
 
 // Token coordinates of one problem (row y, column x), padded tokens at 0.
@@ -288,10 +371,11 @@ struct DScoresEpi {
   }
 };
 
-// Each of the M rows (cols wide, -inf on padded keys) of S replaced by its softmax, with
-// the row maxima the scores epilogue left in rowmax: the forward's arithmetic exactly.
+// The softmax of each of the M rows (cols wide, -inf on padded keys) of S, with the row
+// maxima the scores epilogue left in rowmax, as the forward forms it: E = exp(s - max) in
+// place and inv[i] = 1 / rowsum(E); the multiplication by inv is DProbsEpi's.
 template <typename T>
-void softmax_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax) {
+void softmax_exp_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax, T* inv) {
   using V = Vectorized<T>;
   constexpr int L = kLanes<T>;
   for (int64_t i = 0; i < M; ++i) {
@@ -303,26 +387,22 @@ void softmax_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax) {
       acc = acc + p;
       p.store(srow + j);
     }
-    const V inv(T(1) / hsum(acc));
-    for (int64_t j = 0; j < cols; j += L) (V::loadu(srow + j) * inv).store(srow + j);
+    inv[i] = T(1) / hsum(acc);
   }
 }
 
 // dS = P * (dP - delta) in place of dP for rows [0, M) of a tile, with delta = rowsum(P * dP)
-// written to delta[i]; returns sum(dS * distance) (the gradient of log_gamma).
+// from its per-lane sums in acc (M x L); returns sum(dS * distance) (the gradient of log_gamma).
 template <typename T, bool kGrid>
-T ds_from_dp(const T* P, T* dS, int64_t ld, int64_t M, int64_t cols, Coords<T> qc, Coords<T> kc, T* delta) {
+T ds_from_dp_acc(const T* P, T* dS, int64_t ld, int64_t M, int64_t cols, Coords<T> qc, Coords<T> kc,
+                 const T* acc) {
   using V = Vectorized<T>;
   constexpr int L = kLanes<T>;
   V g(T(0));
   for (int64_t i = 0; i < M; ++i) {
     const T* p = P + i * ld;
     T* ds = dS + i * ld;
-    V acc(T(0));
-    for (int64_t j = 0; j < cols; j += L) acc = at::vec::fmadd(V::loadu(p + j), V::loadu(ds + j), acc);
-    const T dl = hsum(acc);
-    delta[i] = dl;
-    const V vdl(dl), qy(kGrid ? qc.y[i] : T(0)), qx(qc.x[i]);
+    const V vdl(hsum(V::loadu(acc + i * L))), qy(kGrid ? qc.y[i] : T(0)), qx(qc.x[i]);
     for (int64_t j = 0; j < cols; j += L) {
       const V x = V::loadu(p + j) * (V::loadu(ds + j) - vdl);
       x.store(ds + j);
@@ -411,8 +491,55 @@ void pack_rows(const View<S>& src, int64_t n0, int64_t rows, int64_t F, T* dst, 
 }
 
 // dst (F x ld) = the problem's N tokens transposed, zero in columns N <= n < ld.
+// fp32 (ld a multiple of 8): 8 tokens x 8 features at a time through a small buffer and
+// at::vec's register transpose; an element-by-element scatter (stride ld) cost as much as
+// the short lines' GEMMs.
 template <typename S, typename T>
 void pack_transposed(const View<S>& src, int64_t N, int64_t F, T* dst, int64_t ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (ld % 8 == 0) {
+      alignas(64) T tile[8 * 8];
+      const S* tok[8];
+      for (int64_t n0 = 0; n0 < ld; n0 += 8) {
+        const int64_t cnt = imax(0, imin(8, N - n0));
+        if (cnt > 0) src.each(n0, n0 + cnt, [&](int64_t i, const S* s) { tok[i] = s; });
+        // 8 tokens equally spaced (a row or column, or a contiguous grid): straight from the tensor
+        const int64_t step = cnt == 8 ? tok[1] - tok[0] : 0;
+        const bool direct = std::is_same_v<S, T> && src.sf == 1 && cnt == 8 && tok[7] - tok[0] == 7 * step;
+        for (int64_t f0 = 0; f0 < F; f0 += 8) {
+          const int64_t fw = imin(8, F - f0);
+          if (direct && fw == 8) {
+            at::vec::transpose_mxn<T, 8, 8>(reinterpret_cast<const T*>(tok[0]) + f0, step, dst + f0 * ld + n0, ld);
+            continue;
+          }
+          for (int64_t i = 0; i < 8; ++i) {
+            T* t = tile + i * 8;
+            if (i >= cnt) {
+              for (int f = 0; f < 8; ++f) t[f] = T(0);
+            } else if (std::is_same_v<S, T> && src.sf == 1 && fw == 8) {
+              // one 32-byte store where the vectors are 8 wide: the transpose's loads forward from it
+              if constexpr (kLanes<T> == 8)
+                Vectorized<T>::loadu(reinterpret_cast<const T*>(tok[i]) + f0).store(t);
+              else
+                std::memcpy(t, tok[i] + f0, 8 * sizeof(T));
+            } else {
+              const S* s = tok[i] + f0 * src.sf;
+              int f = 0;
+              for (; f < fw; ++f) t[f] = static_cast<T>(s[f * src.sf]);
+              for (; f < 8; ++f) t[f] = T(0);
+            }
+          }
+          if (fw == 8) {
+            at::vec::transpose_mxn<T, 8, 8>(tile, 8, dst + f0 * ld + n0, ld);
+          } else {
+            for (int64_t f = 0; f < fw; ++f)
+              for (int i = 0; i < 8; ++i) dst[(f0 + f) * ld + n0 + i] = tile[i * 8 + f];
+          }
+        }
+      }
+      return;
+    }
+  }
   src.each(0, N, [&](int64_t n, const S* s) {
     for (int64_t f = 0; f < F; ++f) dst[f * ld + n] = static_cast<T>(s[f * src.sf]);
   });
@@ -602,21 +729,56 @@ void problem_fwd(const FwdBuf<T>& b, int64_t X, T scale, T lg, const View<S>& q,
 
 // ---------------------------------------------------------------- one problem, backward
 
-// Gradients of one problem into b.gq (unscaled: times scale on the way out), b.gk, b.gv;
-// returns the problem's sum of dS * distance (dL / dlog_gamma).
+// The tokens of a view equally spaced (v.sx apart), features contiguous.
+template <typename S>
+inline bool uniform(const View<S>& v, int64_t N) {
+  return v.sf == 1 && (N <= v.X || v.sy == v.X * v.sx);
+}
+
+// A problem whose k and dout rows are read in place and whose gradients the GEMMs store
+// straight into the outputs' tokens (dq = scale * dS K, dk = dS^T (scale q), each added to
+// the output with add; dv written): fp32 / fp64 tensors with equally spaced tokens and
+// contiguous features, d and dv multiples of the vector width, one query and one key block.
+template <typename T>
+struct BwdDirect {
+  bool on = false, add = false, stream = false;
+  T *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  const T *aq = nullptr, *ak = nullptr;  // with add: what is added (dq / dk themselves, or slabs)
+  int64_t ldaq = 0, ldak = 0;
+};
+
+// Gradients of one problem into b.gq (unscaled: times scale on the way out), b.gk, b.gv, or
+// with dir.on into the outputs; returns the problem's sum of dS * distance (dL / dlog_gamma).
 template <typename SQ, typename SD, typename SO, typename T, bool kGrid>
 double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>& q, const View<SQ>& k,
-                   const View<SQ>& v, const View<SD>& dout, const View<SO>& out, const View<T>& lse) {
+                   const View<SQ>& v, const View<SD>& dout, const View<SO>& out, const View<T>& lse,
+                   const BwdDirect<T>& dir) {
   using V = Vectorized<T>;
   constexpr int L = kLanes<T>;
   const Blocking& bk = b.bk;
   const int64_t N = b.N, d = b.d, dv = b.dv, Np = b.Np, dp = b.dp, dvp = b.dvp;
   fill_coords(b.ky, b.kx, N, X, Np);
   pack_rows(q, 0, N, d, b.q, dp, scale);
-  pack_rows(k, 0, N, d, b.k, dp, T(1));
+  const T* Kr = b.k;
+  const T* dOr = b.dout;
+  int64_t ldk = dp, ldo = dvp;
+  bool packed = true;
+  if constexpr (std::is_same_v<SQ, T> && std::is_same_v<SD, T>) {
+    if (dir.on) {
+      Kr = k.p;
+      ldk = k.sx;
+      dOr = dout.p;
+      ldo = dout.sx;
+      packed = false;
+    }
+  }
+  if (packed) {
+    pack_rows(k, 0, N, d, b.k, dp, T(1));
+    pack_rows(dout, 0, N, dv, b.dout, dvp, T(1));
+  }
   pack_transposed(k, N, d, b.kt, Np);
   pack_transposed(v, N, dv, b.vt, Np);
-  pack_rows(dout, 0, N, dv, b.dout, dvp, T(1));
   // With the whole row in one key block (every row, column and grid up to kMaxKeys tokens)
   // the probabilities are recomputed exactly as the forward formed them (row max, sum,
   // normalisation) and delta = rowsum(P * dP) (= rowsum(dO * O), since O = P V). With
@@ -638,7 +800,7 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
   for (int64_t i0 = 0; i0 < N; i0 += bk.BM) {
     const int64_t M = imin(bk.BM, N - i0);
     const T* Q = b.q + i0 * dp;
-    const T* dO = b.dout + i0 * dvp;
+    const T* dO = dOr + i0 * ldo;
     for (int64_t jb = 0; jb < bk.nkb; ++jb) {
       const int64_t j0 = bk.j0(jb), nvalid = bk.nvalid(jb), cols = round_up(nvalid, L);
       const Coords<T> qc{all.y + i0, all.x + i0}, kc{all.y + j0, all.x + j0};
@@ -646,26 +808,36 @@ double problem_bwd(const BwdBuf<T>& b, int64_t X, T scale, T lg, const View<SQ>&
         for (int64_t i = 0; i < M; ++i) V(-kInf<T>).store(b.rowmax + i * L);
         ScoresEpi<T, kGrid> se{b.p, bk.BN, qc, kc, nvalid, lg, b.rowmax};
         gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, se);
-        softmax_rows(b.p, bk.BN, M, cols, b.rowmax);
+        softmax_exp_rows(b.p, bk.BN, M, cols, b.rowmax, b.lse);  // b.lse: 1 / rowsum (unused otherwise)
       } else {
         ProbsEpi<T, kGrid> pe{b.p, bk.BN, qc, kc, nvalid, lg, b.lse + i0};
         gemm<T>(M, cols, d, Q, dp, 1, b.kt + j0, Np, pe);
       }
       if (exact) {
-        StoreC<T> dpc{b.ds, bk.BN, false};
-        gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, dpc);
-        dlg += static_cast<double>(ds_from_dp<T, kGrid>(b.p, b.ds, bk.BN, M, cols, qc, kc, b.delta + i0));
+        for (int64_t i = 0; i < M; ++i) V(T(0)).store(b.rowmax + i * L);  // rowsum(P * dP) per lane
+        DProbsEpi<T> dpe{b.p, b.ds, bk.BN, b.lse, b.rowmax};
+        gemm<T>(M, cols, dv, dO, ldo, 1, b.vt + j0, Np, dpe);
+        dlg += static_cast<double>(ds_from_dp_acc<T, kGrid>(b.p, b.ds, bk.BN, M, cols, qc, kc, b.rowmax));
       } else {
         DScoresEpi<T, kGrid> de{b.p, b.ds, bk.BN, qc, kc, b.delta + i0, V(T(0))};
-        gemm<T>(M, cols, dv, dO, dvp, 1, b.vt + j0, Np, de);
+        gemm<T>(M, cols, dv, dO, ldo, 1, b.vt + j0, Np, de);
         dlg += static_cast<double>(hsum(de.dlg));
       }
+      if (!packed) {  // one query block and one key block: i0 = j0 = 0
+        StoreScaled<T> dvc{dir.dv, dir.ldv, T(1), false, nullptr, 0, dir.stream};
+        gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, ldo, dvc);  // dV = P^T dO
+        StoreScaled<T> dkc{dir.dk, dir.ldk, T(1), dir.add, dir.ak, dir.ldak, dir.stream};
+        gemm<T>(nvalid, dp, M, b.ds, 1, bk.BN, Q, dp, dkc);  // dK (+)= dS^T (scale q)
+        StoreScaled<T> dqc{dir.dq, dir.ldq, scale, dir.add, dir.aq, dir.ldaq, dir.stream};
+        gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, Kr, ldk, dqc);  // dQ (+)= scale dS K
+        continue;
+      }
       StoreC<T> dvc{b.gv + j0 * dvp, dvp, i0 > 0};
-      gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, dvp, dvc);  // dV += P^T dO
+      gemm<T>(nvalid, dvp, M, b.p, 1, bk.BN, dO, ldo, dvc);  // dV += P^T dO
       StoreC<T> dkc{b.gk + j0 * dp, dp, i0 > 0};
       gemm<T>(nvalid, dp, M, b.ds, 1, bk.BN, Q, dp, dkc);  // dK += dS^T (scale q)
       StoreC<T> dqc{b.gq + i0 * dp, dp, jb > 0};
-      gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, b.k + j0 * dp, dp, dqc);  // dQ += dS K
+      gemm<T>(M, dp, nvalid, b.ds, bk.BN, 1, Kr + j0 * ldk, ldk, dqc);  // dQ += dS K
     }
   }
   return dlg;
@@ -740,8 +912,8 @@ void fwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
 }
 
 // Backward scratch: per-problem buffers, plus for the decomposed form the (H, W) slabs of
-// the dq / dk accumulators (unless the outputs are of type T and serve as their own) and
-// of dv_mid.
+// the dq / dk accumulators (the H pass's parts; fp32 / fp64 outputs serve as their own
+// where the W pass is not direct) and of dv_mid.
 template <typename S, typename T>
 struct BwdSlabs {
   T *dq, *dk, *dv_mid;
@@ -752,10 +924,8 @@ struct BwdSlabs {
     dvp = round_up(a.dv, L);
     dq = dk = dv_mid = nullptr;
     if (a.mode != MasaMode::decomposed) return;
-    if constexpr (!std::is_same_v<S, T>) {
-      dq = ar.take<T>(a.H * a.W * dp);
-      dk = ar.take<T>(a.H * a.W * dp);
-    }
+    dq = ar.take<T>(a.H * a.W * dp);
+    dk = ar.take<T>(a.H * a.W * dp);
     dv_mid = ar.take<T>(a.H * a.W * dvp);
   }
 };
@@ -777,10 +947,42 @@ int64_t bwd_scratch(const MasaArgs& a) {
 
 // Where one pass's gradients go: dq, dk, dv of each problem are written (or added) to
 // these tensors, seen along the pass's axis.
+// With from_slab (direct problems only, see bwd_direct) dq and dk are written as this pass's
+// part plus add_q / add_k, the earlier pass's parts in (H, W) slabs of type T; with stream
+// the outputs are written with streaming stores (written once, never read back here).
 struct BwdTargets {
   MasaTensor dq, dk, dv;
   bool add_dq_dk;
+  MasaTensor add_q{}, add_k{};
+  bool from_slab = false, stream = false;
 };
+
+// Whether a pass's problems take problem_bwd's direct path (BwdDirect).
+template <typename SQ, typename SD, typename DQ, typename DV, typename T>
+bool bwd_direct(const MasaArgs& a, Axis axis, int64_t b, int64_t h, const MasaTensor& dout, const BwdTargets& tg) {
+  if constexpr (std::is_same_v<SQ, T> && std::is_same_v<SD, T> && std::is_same_v<DQ, T> && std::is_same_v<DV, T>) {
+    constexpr int L = kLanes<T>;
+    const masa::Pass ps = masa::pass_of(axis, a.H, a.W);
+    const int64_t X = ps.X, N = ps.N();
+    const Blocking bk(N, L);
+    const masa::Problem p0{b, h, 0};
+    return bk.nkb == 1 && bk.BM == N && a.d % L == 0 && a.dv % L == 0 &&
+           uniform(view_of<SQ>(a.k, axis, p0, X), N) && uniform(view_of<SD>(dout, axis, p0, X), N) &&
+           uniform(view_of<DQ>(tg.dq, axis, p0, X), N) && uniform(view_of<DQ>(tg.dk, axis, p0, X), N) &&
+           uniform(view_of<DV>(tg.dv, axis, p0, X), N);
+  } else {
+    return false;
+  }
+}
+
+// Streaming stores only where every register-tile row fills whole 64-byte lines.
+template <typename T>
+bool whole_lines(const MasaTensor& t, Axis axis, int64_t F) {
+  const masa::Strides6 s = masa::map_strides(axis, t.stride);
+  return std::is_same_v<T, float> && (F * sizeof(T)) % 64 == 0 && (s.x * sizeof(T)) % 64 == 0 &&
+         (s.y * sizeof(T)) % 64 == 0 && (t.stride[0] * sizeof(T)) % 64 == 0 && (t.stride[1] * sizeof(T)) % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data) % 64 == 0;
+}
 
 template <typename SQ, typename SD, typename SO, typename DQ, typename DV, typename T>
 double line_pass_bwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t h, const MasaTensor& vin,
@@ -789,20 +991,42 @@ double line_pass_bwd(Arena ar, const MasaArgs& a, Axis axis, int64_t b, int64_t 
   const BwdBuf<T> buf(ar, ps.N(), a.d, a.dv);
   const T lg = log_gamma_of<T>(a, h), scale = static_cast<T>(a.scale);
   const int64_t X = ps.X, N = ps.N();
+  BwdDirect<T> dir;
+  dir.on = bwd_direct<SQ, SD, DQ, DV, T>(a, axis, b, h, dout, tg);
+  dir.add = tg.add_dq_dk;
+  dir.stream = dir.on && tg.stream && whole_lines<T>(tg.dq, axis, a.d) && whole_lines<T>(tg.dk, axis, a.d) &&
+               whole_lines<T>(tg.dv, axis, a.dv);
   double dlg = 0;
   for (int64_t r = 0; r < ps.R; ++r) {
     const masa::Problem pb{b, h, r};
+    if constexpr (std::is_same_v<DQ, T> && std::is_same_v<DV, T>) {
+      if (dir.on) {
+        const View<DQ> tq = view_of<DQ>(tg.dq, axis, pb, X), tk = view_of<DQ>(tg.dk, axis, pb, X);
+        const View<DV> tv = view_of<DV>(tg.dv, axis, pb, X);
+        dir.dq = tq.p, dir.ldq = tq.sx;
+        dir.dk = tk.p, dir.ldk = tk.sx;
+        dir.dv = tv.p, dir.ldv = tv.sx;
+        dir.aq = tq.p, dir.ldaq = tq.sx;
+        dir.ak = tk.p, dir.ldak = tk.sx;
+        if (tg.from_slab) {
+          const View<T> sq = view_of<T>(tg.add_q, axis, pb, X), sk = view_of<T>(tg.add_k, axis, pb, X);
+          dir.aq = sq.p, dir.ldaq = sq.sx;
+          dir.ak = sk.p, dir.ldak = sk.sx;
+        }
+      }
+    }
     if (axis == Axis::full) {
       dlg += problem_bwd<SQ, SD, SO, T, true>(buf, X, scale, lg, view_of<SQ>(a.q, axis, pb, X),
                                               view_of<SQ>(a.k, axis, pb, X), view_of<SQ>(vin, axis, pb, X),
                                               view_of<SD>(dout, axis, pb, X), view_of<SO>(out, axis, pb, X),
-                                              lse_view_of<T>(lse, axis, pb, X));
+                                              lse_view_of<T>(lse, axis, pb, X), dir);
     } else {
       dlg += problem_bwd<SQ, SD, SO, T, false>(buf, X, scale, lg, view_of<SQ>(a.q, axis, pb, X),
                                                view_of<SQ>(a.k, axis, pb, X), view_of<SQ>(vin, axis, pb, X),
                                                view_of<SD>(dout, axis, pb, X), view_of<SO>(out, axis, pb, X),
-                                               lse_view_of<T>(lse, axis, pb, X));
+                                               lse_view_of<T>(lse, axis, pb, X), dir);
     }
+    if (dir.on) continue;
     write_rows(view_of<DQ>(tg.dq, axis, pb, X), 0, N, a.d, buf.gq, buf.dp, scale, tg.add_dq_dk);
     write_rows(view_of<DQ>(tg.dk, axis, pb, X), 0, N, a.d, buf.gk, buf.dp, T(1), tg.add_dq_dk);
     write_rows(view_of<DV>(tg.dv, axis, pb, X), 0, N, a.dv, buf.gv, buf.dvp, T(1), false);
@@ -817,12 +1041,14 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
     Arena ar{static_cast<char*>(a.scratch) + slot * a.scratch_slot_bytes};
     const int64_t b = task / a.heads, h = task % a.heads;
     if (a.mode == MasaMode::full) {
-      const BwdTargets tg{a.grad_q, a.grad_k, a.grad_v, false};
+      BwdTargets tg{a.grad_q, a.grad_k, a.grad_v, false};
+      tg.stream = true;
       parts[task] = line_pass_bwd<S, S, S, S, S, T>(ar, a, Axis::full, b, h, a.v, a.dout, a.out, a.lse, tg);
       continue;
     }
     const BwdSlabs<S, T> sl(ar, a);
-    // this head's accumulators: the outputs themselves when they have the compute type
+    // this head's accumulators where the W pass is not direct: the outputs themselves when
+    // they have the compute type
     MasaTensor dq_acc = a.grad_q, dk_acc = a.grad_k;
     const masa::Problem pb0{b, h, 0};
     if constexpr (!std::is_same_v<S, T>) {
@@ -832,7 +1058,14 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
     const MasaTensor dv_mid = slab(sl.dv_mid, a.W, sl.dvp);
     // the pass along H (last in the forward) first: its dv is dv_mid, the dout of the W pass
     double dlg;
-    if constexpr (std::is_same_v<S, T>) {
+    // fp32 / fp64 with the pass along W direct: the H pass's dq / dk parts go to the slabs
+    // (in cache) and the W pass writes the outputs once, streamed (no read of their lines)
+    BwdTargets tw{a.grad_q, a.grad_k, a.grad_v, true, slab(sl.dq, a.W, sl.dp), slab(sl.dk, a.W, sl.dp), true, true};
+    if (std::is_same_v<S, T> && bwd_direct<S, T, T, S, T>(a, Axis::w, b, h, dv_mid, tw)) {
+      const BwdTargets th{tw.add_q, tw.add_k, dv_mid, false};
+      dlg = line_pass_bwd<S, S, S, T, T, T>(ar, a, Axis::h, b, h, a.v_mid, a.dout, a.out, a.lse, th);
+      dlg += line_pass_bwd<S, T, S, T, S, T>(ar, a, Axis::w, b, h, a.v, dv_mid, a.v_mid, a.lse_w, tw);
+    } else if constexpr (std::is_same_v<S, T>) {
       const BwdTargets th{a.grad_q, a.grad_k, dv_mid, false};
       dlg = line_pass_bwd<S, S, S, T, T, T>(ar, a, Axis::h, b, h, a.v_mid, a.dout, a.out, a.lse, th);
       const BwdTargets tw{a.grad_q, a.grad_k, a.grad_v, true};
@@ -849,6 +1082,7 @@ void bwd_tasks(const MasaArgs& a, int64_t slot, int64_t begin, int64_t end) {
     }
     parts[task] = dlg;
   }
+  stream_fence();
 }
 
 template <typename Fn>
