@@ -18,8 +18,8 @@ Every method of one shape, axis and thread count is timed in one process with th
 alternating (method after method, repeat after repeat); times are medians of wall-clock
 calls. gflops counts the useful work of the op (compress, generate and mix GEMMs; the
 backward twice the forward), not a backend's recomputation; frac_peak divides it by one
-core's fp32 peak times the threads (PEAK_GFLOPS per core, Zen 3 AVX2 FMA: 2 x 8 x 2 flops per
-cycle at about 3 GHz). fwd_x and fwd_bwd_x: speed-up over the naive row of the same shape,
+core's fp32 peak times the threads (benchmarks/common.py cpu_peak_gflops_per_core: measured
+on the machine, stated in the header as fp32_peak_per_core). fwd_x and fwd_bwd_x: speed-up over the naive row of the same shape,
 axis and threads; fwd_x_cpu and fwd_bwd_x_cpu (one thread): the same in CPU time of the
 calling thread (fwd_cpu_ms, fwd_bwd_cpu_ms in the JSON), which leaves out waiting for a core on
 a shared machine. peak_mib: peak memory allocated through PyTorch's CPU allocator during one
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (auto_summary, bench_device, commit, op_bench_main, peak_memory_mb, time_alternating,  # noqa: E402
-                    write_ranking)
+from common import (auto_summary, bench_device, commit, cpu_peak_gflops_per_core, op_bench_main,  # noqa: E402
+                    peak_memory_mb, time_alternating, write_ranking)
 
 import vitattn  # noqa: E402
 from vitattn import dynamixer  # noqa: E402
@@ -59,7 +59,6 @@ SHAPES = {
     "L s2-4": (16, 512, 16, 8),
 }
 BATCH = 8
-PEAK_GFLOPS = 96.0  # one core, fp32 (see the docstring)
 MEASURED_JSON = os.path.join(os.path.dirname(os.path.abspath(dm_backends.__file__)), "measured.json")
 COLUMNS = ["shape", "model", "L", "C", "S", "d", "batch", "axis", "threads", "dtype", "method", "backend", "fwd_ms",
            "fwd_bwd_ms", "fwd_x", "fwd_bwd_x", "fwd_x_cpu", "fwd_bwd_x_cpu", "gflops", "gflops_fwd_bwd", "frac_peak",
@@ -179,7 +178,7 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
                     row["gflops"] = gflop / (t_f[method] / 1e3)
                     row["gflops_fwd_bwd"] = 3 * gflop / (t_fb[method] / 1e3)
                     if not on_gpu:
-                        row["frac_peak"] = row["gflops"] / (PEAK_GFLOPS * nthreads)
+                        row["frac_peak"] = row["gflops"] / (cpu_peak_gflops_per_core() * nthreads)
                     row["peak_mib"] = peak_memory_mb(fwd_bwd[method], device)
                     row["compile_s"] = compile_s.get(method)
                     rows.append(row)

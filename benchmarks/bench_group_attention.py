@@ -22,8 +22,8 @@ no_grad; forward+backward = autograd.grad of all of q, k, v), fwd_cpu_ms / fwd_b
 medians of the process CPU time of the same calls (with one thread: the time not lost to
 other processes; with two: the CPU work of both). GFLOP/s count the model FLOPs, 2 N n (d + dv)
 per (batch, head) forward and three times that for forward+backward (no recomputation);
-peak_frac = GFLOP/s / (threads x PEAK_GFLOPS_PER_CORE), one Zen 3 core's fp32 peak with AVX2
-FMA. peak_mib: the allocator peak of one forward+backward (benchmarks/common.py
+peak_frac = GFLOP/s / (threads x one core's fp32 peak), the peak measured on the machine
+(benchmarks/common.py cpu_peak_gflops_per_core; the header's fp32_peak_per_core). peak_mib: the allocator peak of one forward+backward (benchmarks/common.py
 PEAK_MEMORY_METHOD); the C++ kernels' per-thread scratch (packed K^T/V and tiles of one group,
 kept between calls, about 0.1-0.6 MiB per thread here) is outside the allocator and not in it.
 vs_naive_* / vs_sdpa_*: speed-up (their time / this row's time); speedup_2t: the same
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, peak_memory_mb, sync  # noqa: E402
+from common import bench_device, cli, commit, cpu_peak_gflops_per_core, peak_memory_mb, sync  # noqa: E402
 
 import vitattn  # noqa: E402
 from vitattn import group_attention  # noqa: E402
@@ -68,7 +68,6 @@ SHAPES = {
 }
 QUICK_SHAPES = ("SReT-T s1", "SReT-T s1 rec", "SReT-S s2", "SReT-S s3")
 # one Zen 3 core: 2 FMA pipes x 8 fp32 lanes x 2 FLOP at ~3 GHz
-PEAK_GFLOPS_PER_CORE = 96.0
 COLUMNS = ["shape", "N", "G", "n", "perm", "heads", "d", "batch", "threads", "method", "backend", "fwd_ms",
            "fwd_bwd_ms", "vs_naive_fwd", "vs_naive_fwd_bwd", "vs_sdpa_fwd_bwd", "fwd_gflops", "fwd_bwd_gflops",
            "fwd_peak_frac", "speedup_2t", "peak_mib", "fwd_cpu_ms", "fwd_bwd_cpu_ms"]
@@ -188,8 +187,8 @@ def run(quick: bool, device, progress: Optional[Callable[[str], None]] = None,
                         row["fwd_bwd_gflops"] = 3 * flops / fb_ms[i] / 1e6
                         row["gflops"] = row["fwd_gflops"]
                         if not on_gpu:
-                            row["fwd_peak_frac"] = row["fwd_gflops"] / (nt * PEAK_GFLOPS_PER_CORE)
-                            row["fwd_bwd_peak_frac"] = row["fwd_bwd_gflops"] / (nt * PEAK_GFLOPS_PER_CORE)
+                            row["fwd_peak_frac"] = row["fwd_gflops"] / (nt * cpu_peak_gflops_per_core())
+                            row["fwd_bwd_peak_frac"] = row["fwd_bwd_gflops"] / (nt * cpu_peak_gflops_per_core())
                             row["fwd_cpu_ms"], row["fwd_bwd_cpu_ms"] = fwd_cpu[i], fb_cpu[i]
                         row["peak_mib"] = peak_memory_mb(fwd_bwd_of(fn), device)
                         block.append(row)

@@ -28,7 +28,8 @@ calls each method once); fwd_ms / fwd_bwd_ms are the medians of the wall times (
 no_grad; forward+backward = autograd.grad of q, k, v), fwd_cpu_ms / fwd_bwd_cpu_ms the medians
 of the process CPU time of the same calls. GFLOP/s count the model FLOPs, 2 N_keys (d + dv) per
 query row and pass, three times that for forward+backward; peak_frac = GFLOP/s / (threads x
-PEAK_GFLOPS_PER_CORE), one Zen 3 core's fp32 peak (2 FMA pipes x 8 lanes x 2 x ~3 GHz).
+one core's fp32 peak), the peak measured on the machine (benchmarks/common.py
+cpu_peak_gflops_per_core; the header's fp32_peak_per_core).
 fwd_peak_mib / peak_mib: allocator peak of one forward / forward+backward (benchmarks/common.py
 PEAK_MEMORY_METHOD). vs_naive_* / vs_sdpa_* / vs_nobias_*: that method's time / this row's time;
 speedup_2t: the same method's 1-thread time / its 2-thread time.
@@ -52,14 +53,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, mark_unavailable, peak_memory_mb, sync  # noqa: E402
+from common import bench_device, cli, commit, cpu_peak_gflops_per_core, mark_unavailable, peak_memory_mb, sync  # noqa: E402
 
 import vitattn  # noqa: E402
 from vitattn.ops.masa import backends as masa_backends  # noqa: E402
 from vitattn.ops.masa.reference import axis_distance, manhattan_distance  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEAK_GFLOPS_PER_CORE = 96.0
 COLUMNS = ["shape", "form", "B", "heads", "H", "W", "d", "threads", "method", "backend", "fwd_ms", "fwd_bwd_ms",
            "vs_naive_fwd", "vs_naive_fwd_bwd", "vs_nobias_fwd", "fwd_gflops", "fwd_peak_frac", "fwd_bwd_gflops",
            "speedup_2t", "fwd_peak_mib", "peak_mib", "fwd_cpu_ms", "fwd_bwd_cpu_ms"]
@@ -294,7 +294,7 @@ def run(quick: bool, device, progress: Optional[Callable[[str], None]] = None, d
                     if not on_gpu and nt:
                         for m in ("fwd", "fwd_bwd"):
                             if row.get(f"{m}_gflops"):
-                                row[f"{m}_peak_frac"] = row[f"{m}_gflops"] / (nt * PEAK_GFLOPS_PER_CORE)
+                                row[f"{m}_peak_frac"] = row[f"{m}_gflops"] / (nt * cpu_peak_gflops_per_core())
                     block.append(row)
                     per_method.setdefault(method, {})[nt] = row
                 base = {r["method"]: r for r in block}
@@ -340,7 +340,7 @@ def summary(rows: List[Dict], device: torch.device) -> str:
         out.append(f"| {nt} | {dt} | {gm(f):.2f} | {min(f):.2f} | {gm(b):.2f} | {min(b):.2f} | {used} |")
     out += ["", "Per shape (vitattn:auto): forward and forward+backward speed-up over the naive code, "
             "forward against SDPA without bias (>= 1: faster), achieved forward GFLOP/s and fraction of "
-            f"threads x {PEAK_GFLOPS_PER_CORE:.0f} GFLOP/s", "",
+            f"threads x {cpu_peak_gflops_per_core():.0f} GFLOP/s (one core's measured fp32 peak)", "",
             "| shape | form | threads | backend | fwd ms | x naive fwd | fwd+bwd ms | x naive fwd+bwd | "
             "x sdpa_no_bias fwd | fwd GFLOP/s | fwd peak frac | x 2 threads |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]

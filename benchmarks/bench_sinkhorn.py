@@ -19,8 +19,9 @@ Every method of one shape and thread count is timed in one process with the call
 times are medians of wall-clock calls. gflops counts the op's useful work: the score GEMM
 (2 n m d), two (n, m) exponential passes per iteration counted as 2 n m flops each, and the two
 aggregation GEMMs (2 n m dv each); the backward twice the forward. frac_peak divides it by one
-core's fp32 peak times the threads (PEAK_GFLOPS per core: Zen 3, AVX2 FMA, 2 x 8 x 2 flops per
-cycle at about 3 GHz; the exponentials make the true limit lower). fwd_x and fwd_bwd_x:
+core's fp32 peak times the threads (benchmarks/common.py cpu_peak_gflops_per_core: measured
+on the machine, stated in the header as fp32_peak_per_core; the exponentials make the true
+limit lower). fwd_x and fwd_bwd_x:
 speed-up over the naive row of the same shape and threads; at one thread also in CPU time of
 the calling thread (fwd_x_cpu, fwd_bwd_x_cpu). peak_mib: peak memory allocated through
 PyTorch's CPU allocator during one forward+backward (benchmarks/common.py PEAK_MEMORY_METHOD).
@@ -40,8 +41,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (auto_summary, bench_device, commit, mark_unavailable, op_bench_main, peak_memory_mb,  # noqa: E402
-                    time_alternating, write_ranking)
+from common import (auto_summary, bench_device, commit, cpu_peak_gflops_per_core, mark_unavailable,  # noqa: E402
+                    op_bench_main, peak_memory_mb, time_alternating, write_ranking)
 
 from vitattn import gaussian_filter_2d, ot_attention  # noqa: E402
 from vitattn.ops.sinkhorn import backends as sk_backends  # noqa: E402
@@ -55,7 +56,6 @@ SHAPES = {
     "Mini s4": (16, 7, 4),
 }
 BATCH, HEAD_DIM, EPS, ITERS, TAU = 8, 32, 0.1, 5, 0.1
-PEAK_GFLOPS = 96.0  # one core, fp32 (see the docstring)
 MEASURED_JSON = os.path.join(os.path.dirname(os.path.abspath(sk_backends.__file__)), "measured.json")
 COLUMNS = ["shape", "heads", "n", "m", "d", "iters", "batch", "threads", "dtype", "method", "backend", "fwd_ms",
            "fwd_bwd_ms", "fwd_x", "fwd_bwd_x", "fwd_x_cpu", "fwd_bwd_x_cpu", "gflops", "gflops_fwd_bwd", "frac_peak",
@@ -173,7 +173,7 @@ def run(quick: bool, device, threads: Optional[List[int]] = None, shapes: Option
                 row["fwd_x"] = t_f["naive"] / t_f[method]
                 row["gflops"] = gflop / (t_f[method] / 1e3)
                 if not on_gpu:
-                    row["frac_peak"] = row["gflops"] / (PEAK_GFLOPS * nthreads)
+                    row["frac_peak"] = row["gflops"] / (cpu_peak_gflops_per_core() * nthreads)
                 if nthreads == 1:
                     row["fwd_cpu_ms"] = c_f[method]
                     row["fwd_x_cpu"] = c_f["naive"] / c_f[method]

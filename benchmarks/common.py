@@ -243,11 +243,45 @@ def environment(device: torch.device) -> Dict[str, str]:
         env["cpu_isa"] = _C.cpu_isa()
     except Exception:
         pass
+    if device.type == "cpu":
+        env["fp32_peak_per_core"] = cpu_peak_source()
     try:
         env["load_avg"] = " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} CPUs)"
     except OSError:
         pass
     return env
+
+
+# One core's fp32 compute limit when it cannot be measured (no compiled extension): a Zen 3
+# core with AVX2, 2 FMA pipes x 8 lanes x 2 flops x ~3 GHz.
+ASSUMED_PEAK_GFLOPS_PER_CORE = 96.0
+_peak_cache: Dict[str, object] = {}
+
+
+def cpu_peak_gflops_per_core() -> float:
+    """One core's fp32 compute limit in GFLOP/s, the denominator of every ``peak_frac``.
+
+    Measured once per process by ``vitattn._C.cpu_fma_peak_gflops`` (independent FMA chains
+    on one thread, with the instruction set the kernels run with; the best of three 0.1 s
+    runs, so a busy neighbour lowers it least); ASSUMED_PEAK_GFLOPS_PER_CORE without the
+    extension. ``cpu_peak_source()`` says which, for the results' header.
+    """
+    if "gflops" not in _peak_cache:
+        try:
+            from vitattn import _C
+
+            _peak_cache["gflops"] = max(_C.cpu_fma_peak_gflops(0.1) for _ in range(3))
+            _peak_cache["source"] = f"measured: {_peak_cache['gflops']:.0f} GFLOP/s (vitattn._C.cpu_fma_peak_gflops)"
+        except (ImportError, AttributeError) as e:
+            _peak_cache["gflops"] = ASSUMED_PEAK_GFLOPS_PER_CORE
+            _peak_cache["source"] = (f"assumed: {ASSUMED_PEAK_GFLOPS_PER_CORE:.0f} GFLOP/s (a Zen 3 core with AVX2; "
+                                     f"not measured: {type(e).__name__})")
+    return float(_peak_cache["gflops"])
+
+
+def cpu_peak_source() -> str:
+    cpu_peak_gflops_per_core()
+    return str(_peak_cache["source"])
 
 
 def _cpu_model() -> str:

@@ -10,6 +10,7 @@
 namespace py = pybind11;
 
 VITATTN_CPU_DECLARE(int64_t, float_lanes, ())
+VITATTN_CPU_DECLARE(double, fma_peak_gflops, (double))
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vitattn compiled kernels (C++ CPU and CUDA)";
@@ -24,6 +25,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                (vitattn::cpu::cpu_has_avx512_bf16() ? ", avx512-bf16" : "") + ")";
       },
       "instruction set the CPU kernels run with on this machine (csrc/cpu/isa.h)");
+  m.def(
+      "cpu_fma_peak_gflops",
+      [](double seconds) {
+        if (!(seconds > 0.0 && seconds <= 10.0)) {
+          throw std::invalid_argument("cpu_fma_peak_gflops: seconds must be in (0, 10], got " +
+                                      std::to_string(seconds));
+        }
+        return VITATTN_CPU_DISPATCH(fma_peak_gflops, seconds);
+      },
+      "fp32 GFLOP/s of independent fused multiply-adds on the calling thread, with the instruction "
+      "set of cpu_isa(): one core's compute limit as the kernels can reach it",
+      py::arg("seconds") = 0.2, nogil);
 #if defined(VITATTN_WITH_CUDA)
   m.attr("with_cuda") = true;
   m.def("masa_cuda_fwd", &vitattn::masa_cuda_fwd, "MaSA grid-attention pass, forward (CUDA)", py::arg("q"),
