@@ -43,6 +43,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
 from .. import masa
+from ..nn._linear import Linear, linear
 from ._common import DropPath, build, check_attn_backend, load_features_checkpoint
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -65,8 +66,9 @@ class DWConv2d(nn.Module):
 class RetNetRelPos2d(nn.Module):
     """Holds RMT's rotation frequencies (``angle``) and per-head log-decay (``decay``) buffers.
 
-    forward(H, W) -> (sin, cos, gamma): sin/cos of shape (H, W, 1, key_dim // 2) for the
-    rotation by raster index, gamma = exp(decay) of shape (heads,).
+    forward(H, W) -> (sin, cos, gamma) for :func:`rotate_pairs`: cos of shape (H, W, 1, key_dim)
+    holds each pair's cosine twice, sin of the same shape its sine with the even channel's sign
+    flipped (-sin, +sin), both for the rotation by raster index; gamma = exp(decay), (heads,).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, initial_value: float, heads_range: float):
@@ -87,20 +89,22 @@ class RetNetRelPos2d(nn.Module):
 
     def forward(self, H: int, W: int) -> Tuple[Tensor, Tensor, Tensor]:
         index = torch.arange(H * W, device=self.decay.device).to(self.decay.dtype)
-        phase = index[:, None] * self.angle[None, 0::2]  # (H*W, key_dim/2), one per pair
-        sin = torch.sin(phase).reshape(H, W, 1, -1)
+        phase = index[:, None] * self.angle[None, :]  # (H*W, key_dim): each pair's angle twice
+        sign = torch.tensor([-1.0, 1.0], device=phase.device, dtype=phase.dtype).repeat(phase.shape[-1] // 2)
+        sin = (torch.sin(phase) * sign).reshape(H, W, 1, -1)
         cos = torch.cos(phase).reshape(H, W, 1, -1)
         return sin, cos, self.decay.exp()
 
 
 def rotate_pairs(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """Rotate each interleaved channel pair (x[2i], x[2i+1]) of x (..., d) by the given angles.
+    """Rotate each interleaved channel pair (x[2i], x[2i+1]) of x (..., d) by its angle.
 
-    Same arithmetic as the official ``x * cos + rotate_every_two(x) * sin``.
+    sin and cos come from :class:`RetNetRelPos2d` (per channel, sin signed -/+), so this is the
+    official ``x * cos + rotate_every_two(x) * sin`` written as three element-wise passes:
+    x * cos, the pairs swapped, and one multiply-add.
     """
-    pairs = x.unflatten(-1, (-1, 2))
-    xe, xo = pairs[..., 0], pairs[..., 1]
-    return torch.stack((xe * cos - xo * sin, xo * cos + xe * sin), dim=-1).flatten(-2)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class VisionRetention(nn.Module):
@@ -120,11 +124,11 @@ class VisionRetention(nn.Module):
         self.scaling = self.key_dim ** -0.5
         self.decomposed = bool(decomposed)
         self.attn_backend = check_attn_backend("VisionRetention", attn_backend, "masa")
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=True)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=True)
-        self.v_proj = nn.Linear(embed_dim, embed_dim * value_factor, bias=True)
+        self.q_proj = Linear(embed_dim, embed_dim, bias=True)
+        self.k_proj = Linear(embed_dim, embed_dim, bias=True)
+        self.v_proj = Linear(embed_dim, embed_dim * value_factor, bias=True)
         self.lepe = DWConv2d(embed_dim * value_factor, 5, 1, 2)
-        self.out_proj = nn.Linear(embed_dim * value_factor, embed_dim, bias=True)
+        self.out_proj = Linear(embed_dim * value_factor, embed_dim, bias=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,15 +147,19 @@ class VisionRetention(nn.Module):
         n = self.num_heads
         v = self.v_proj(x)
         lepe = self.lepe(v)
-        q = self.q_proj(x)
+        # q and k from one GEMM, the key scaling folded into k's weights: x is read once and
+        # k is not rescaled in a separate pass (the same product up to rounding)
+        qk_weight = torch.cat((self.q_proj.weight, self.k_proj.weight * self.scaling))
+        qk_bias = torch.cat((self.q_proj.bias, self.k_proj.bias * self.scaling))
+        qk = linear(x, qk_weight, qk_bias)
         # under autocast the projections are low precision while sin/cos stay fp32: rotate in the
         # projections' dtype so that q, k and v reach the op in one dtype
-        sin, cos = sin.to(q.dtype), cos.to(q.dtype)
-        q = rotate_pairs(q.view(B, H, W, n, self.key_dim), sin, cos)
-        k = rotate_pairs((self.k_proj(x) * self.scaling).view(B, H, W, n, self.key_dim), sin, cos)
+        sin, cos = sin.to(qk.dtype), cos.to(qk.dtype)
+        # q and k rotated together: (B, H, W, 2, heads, d) against (H, W, 1, 1, d)
+        qk = rotate_pairs(qk.view(B, H, W, 2, n, self.key_dim), sin.unsqueeze(-2), cos.unsqueeze(-2))
         # (B, H, W, heads, d) -> (B, heads, H, W, d) as strided views; the op takes any strides
         out = masa(
-            q.permute(0, 3, 1, 2, 4), k.permute(0, 3, 1, 2, 4),
+            qk[:, :, :, 0].permute(0, 3, 1, 2, 4), qk[:, :, :, 1].permute(0, 3, 1, 2, 4),
             v.view(B, H, W, n, self.head_dim).permute(0, 3, 1, 2, 4),
             gamma, decomposed=self.decomposed, scale=1.0, backend=self.attn_backend,
         )
@@ -168,8 +176,8 @@ class FeedForwardNetwork(nn.Module):
         self.embed_dim = embed_dim
         self.activation_dropout_module = nn.Dropout(activation_dropout)
         self.dropout_module = nn.Dropout(dropout)
-        self.fc1 = nn.Linear(embed_dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.fc1 = Linear(embed_dim, ffn_dim)
+        self.fc2 = Linear(ffn_dim, embed_dim)
         self.dwconv = DWConv2d(ffn_dim, 3, 1, 1) if subconv else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -395,9 +403,9 @@ class VisRetNet(IntermediatesMixin, nn.Module):
         self.projection = projection
         self.mlp_ratios = list(mlp_ratios)
         self.attn_backend = attn_backend
-        self.proj = nn.Linear(self.num_features, projection)
+        self.proj = Linear(self.num_features, projection)
         self.norm = nn.BatchNorm2d(projection)
-        self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
     _init_weights = staticmethod(_init_weights)
@@ -419,7 +427,7 @@ class VisRetNet(IntermediatesMixin, nn.Module):
             raise ValueError(f"VisRetNet: num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
         device = self.proj.weight.device
-        self.head = nn.Linear(self.projection, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.projection, num_classes, device=device) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
 
