@@ -17,6 +17,10 @@ VITATTN_CHECK_VALUES       1        run the argument checks that read tensor val
 VITATTN_DENSE_BUDGET_MB    64       the "torch" backends use dense math while the call's
                                     N x N (n x m, L x L per row) intermediates fit this many
                                     MiB, and block the computation above it
+VITATTN_CPU_LINEAR         auto     the GEMM behind the models' linear layers on CPU, fp32:
+                                    ``onednn`` (oneDNN's matmul), ``aten`` (F.linear: MKL's
+                                    sgemm) or ``auto`` (oneDNN where it was measured faster:
+                                    vitattn/nn/_linear.py)
 VITATTN_NO_EXT             0        build time: do not build the compiled extension vitattn._C
 VITATTN_CUDA_ARCHS         sm_80;sm_90  build time: CUDA architectures of vitattn._C
 VITATTN_COMPILE_CHECK      0        tests: also compile the Triton kernels offline for
@@ -47,6 +51,7 @@ VARIABLES: Dict[str, Tuple[str, str]] = {
     "VITATTN_BACKEND": ("", "backend override: a name for every op that has it, or op:backend pairs"),
     "VITATTN_CHECK_VALUES": ("1", "argument checks that read tensor values (each tensor checked once)"),
     "VITATTN_DENSE_BUDGET_MB": ("64", "MiB of N x N intermediates under which the torch backends go dense"),
+    "VITATTN_CPU_LINEAR": ("auto", "the models' fp32 CPU linear layers: auto, onednn or aten (F.linear)"),
     "VITATTN_NO_EXT": ("0", "build time: skip the compiled extension vitattn._C"),
     "VITATTN_CUDA_ARCHS": ("sm_80;sm_90", "build time: CUDA architectures of vitattn._C"),
     "VITATTN_COMPILE_CHECK": ("0", "tests: compile the Triton kernels offline for sm_80/sm_90a"),
@@ -96,6 +101,13 @@ def check_values() -> bool:
 
 def dense_budget_bytes() -> int:
     return int(positive_number("VITATTN_DENSE_BUDGET_MB") * 2 ** 20)
+
+
+def cpu_linear() -> str:
+    raw = _raw("VITATTN_CPU_LINEAR").lower() or "auto"
+    if raw not in ("auto", "onednn", "aten"):
+        raise ValueError(f"environment variable VITATTN_CPU_LINEAR={raw!r}: expected auto, onednn or aten")
+    return raw
 
 
 def triton_interpret() -> bool:

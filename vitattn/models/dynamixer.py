@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dynamixer import DynaMixerBlock, Mlp
+from ..nn._linear import Linear
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -142,7 +143,7 @@ class DynaMixer(IntermediatesMixin, nn.Module):
                 network.append(Downsample(embed_dims[i], embed_dims[i + 1], 2 if transitions[i] else 1, overlap))
         self.network = nn.ModuleList(network)
         self.norm = nn.LayerNorm(embed_dims[-1])
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -176,7 +177,7 @@ class DynaMixer(IntermediatesMixin, nn.Module):
             raise ValueError(f"DynaMixer: num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
         device = self.patch_embed.proj.weight.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def feature_levels(self) -> List[dict]:
         return [dict(d) for d in self._levels]

@@ -52,6 +52,7 @@ from .. import gaussian_filter_2d, ot_attention
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
+from ..nn._linear import Linear
 from ..nn.nystrom import NystromEmbedding
 
 EMBEDDINGS = ("nystrom", "normalized")
@@ -101,8 +102,8 @@ class SeTAttention(nn.Module):
         if embedding not in EMBEDDINGS:
             raise ValueError(f"{name}: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
         self.embedding = embedding
-        self.feat = nn.Linear(dim, dim)  # features whose kernel defines the transport cost
-        self.v = nn.Linear(dim, dim)
+        self.feat = Linear(dim, dim)  # features whose kernel defines the transport cost
+        self.v = Linear(dim, dim)
         if embedding == "nystrom":
             k = self.head_dim if num_anchors is None else _positive(name, "num_anchors", num_anchors, int)
             self.embed = NystromEmbedding(self.head_dim, k, heads=num_heads, sigma=_positive(name, "sigma", sigma))
@@ -110,7 +111,7 @@ class SeTAttention(nn.Module):
             k = self.head_dim
         self.embed_dim = k  # the space where tokens and references meet
         self.ref = nn.Parameter(torch.empty(num_heads, self.num_refs, k))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_references()
 
@@ -153,9 +154,9 @@ class SeTAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -292,7 +293,7 @@ class SeTformer(IntermediatesMixin, nn.Module):
                 use_checkpoint, embedding, sigma,
             ))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -348,7 +349,7 @@ class SeTformer(IntermediatesMixin, nn.Module):
             raise ValueError(f"SeTformer: num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
         device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import group_attention, random_permutation
+from ..nn._linear import Linear
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -73,9 +74,9 @@ class LearnableCoefficient(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,8 +118,8 @@ class GroupAttention(nn.Module):
         self.groups2 = groups2
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_backend = check_attn_backend("GroupAttention", attn_backend, "group_attention")
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # training permutations: None = the device's default generator
         self.generator: Optional[torch.Generator] = None
@@ -329,7 +330,7 @@ class SReT(IntermediatesMixin, nn.Module):
         self.embed_dim = base_dims[-1] * heads[-1]
         self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
@@ -422,7 +423,7 @@ class SReT(IntermediatesMixin, nn.Module):
             raise ValueError(f"SReT: num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
         device = self.pos_embed.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def feature_levels(self) -> List[dict]:
         # the stem has stride 8, every pooling conv 2 more

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import dynamixer
 from ._backend import check_backend
+from ._linear import Linear
 
 
 class Mlp(nn.Module):
@@ -23,9 +24,9 @@ class Mlp(nn.Module):
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -50,9 +51,9 @@ class DynaMixerOp(nn.Module):
         self.reduced_dim = reduced_dim
         self.backend = backend
         # creation order as in the official module, so a seeded init gives the same weights
-        self.out = nn.Linear(dim, dim)
-        self.compress = nn.Linear(dim, num_head * reduced_dim)
-        self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+        self.out = Linear(dim, dim)
+        self.compress = Linear(dim, num_head * reduced_dim)
+        self.generate = Linear(seq_len * reduced_dim, seq_len * seq_len)
 
     def mix(self, x: Tensor) -> Tensor:
         """The dynamic mixing alone (no ``out`` projection)."""
@@ -84,9 +85,9 @@ class DynaMixerBlock(nn.Module):
         self.num_head = num_head
         self.mix_h = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim, backend=backend)
         self.mix_w = DynaMixerOp(dim, resolution, num_head, reduced_dim=reduced_dim, backend=backend)
-        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_c = Linear(dim, dim, bias=qkv_bias)
         self.reweight = Mlp(dim, dim // 4, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
