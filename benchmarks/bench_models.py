@@ -22,6 +22,11 @@ Implementations (rows; ``method`` / ``role`` as in common.ROW_KEYS):
   records which backend each op's "auto" chose during the logit check (e.g. ``masa:cpu``);
 * ``official`` (role naive: the code users run today): the official release's model class,
   the same state_dict loaded with ``strict=True``;
+* ``vitattn:auto, F.linear`` (role backend), when the official code runs, on a CPU where the
+  models' linear layers run on oneDNN (vitattn/nn/_linear.py, ``cpu_linear_choice()``): the same vitattn model with
+  ``VITATTN_CPU_LINEAR=aten`` set around its calls, so its linear layers are F.linear as in the
+  official code; its ``vs_official_*`` show what the attention ops alone gain, the gap to
+  ``vitattn:auto`` what the GEMM library gains;
 * ``vitattn:torch`` (role backend): the vitattn model with ``attn_backend="torch"``, timed when
   the official code is not available (then it is the baseline, and the note says so) or with
   ``--with-torch``.
@@ -94,8 +99,10 @@ from common import bench_device, cli, mark_unavailable, peak_memory_mb, time_fn 
 
 import vitattn  # noqa: E402
 import vitattn.models as models  # noqa: E402
+from vitattn.nn import cpu_linear_choice  # noqa: E402
 
 OFFICIAL_DIR_ENV = "BENCH_OFFICIAL_DIR"
+ATEN_LINEAR = "vitattn:auto, F.linear"  # vitattn:auto with VITATTN_CPU_LINEAR=aten
 LOGITS_RTOL = 1e-4  # fp32, different summation orders: measured ~3e-7 where the code agrees
 
 # (model, image size, batch)
@@ -328,22 +335,37 @@ class Runner:
     """One implementation: its model, optimizer and the shared batch."""
 
     def __init__(self, method: str, role: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, env: Optional[Dict[str, str]] = None):
         self.method, self.role, self.backend = method, role, backend
         self.model = model.to(x.device)
         self.x, self.y = x, y
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
+        self.env = env or {}  # environment variables set around every call of this runner
+
+    @contextlib.contextmanager
+    def _env(self):
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def infer(self) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self._env():
             return self.model(self.x)
 
     def train_step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
-        self.opt.step()
+        with self._env():
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            loss.backward()
+            self.opt.step()
 
 
 def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -394,6 +416,12 @@ def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequ
             runners.append(Runner("official", "naive", off_model, x, y, backend=None))
         except Exception as exc:
             official_why = f"the official {spec.fn} did not build or load the weights: {type(exc).__name__}: {exc}"
+    if official_why is None and device.type == "cpu" and cpu_linear_choice()[0] == "onednn":
+        # the same model with its linear layers on F.linear: how much of the speed-up over the
+        # official code is the GEMM library (vitattn/nn/_linear.py) and how much the attention ops
+        aten_linear = create_vitattn(name, res, "auto")
+        aten_linear.load_state_dict(state)
+        runners.append(Runner(ATEN_LINEAR, "backend", aten_linear, x, y, env={"VITATTN_CPU_LINEAR": "aten"}))
     if official_why is not None or with_torch:
         torch_model = create_vitattn(name, res, "torch")
         torch_model.load_state_dict(state)
@@ -481,6 +509,12 @@ def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequ
             row["note"] = "; ".join(notes[r.method])
             group.append(row)
         auto = group[0]
+        aten_row = next((row for row in group if row["method"] == ATEN_LINEAR), None)
+        official_row = next((row for row in group if row["method"] == "official"), None)
+        if aten_row is not None and official_row is not None:
+            aten_row["vs_official_infer_speedup"] = official_row["fwd_ms"] / aten_row["fwd_ms"]
+            if training:
+                aten_row["vs_official_train_speedup"] = official_row["fwd_bwd_ms"] / aten_row["fwd_bwd_ms"]
         for other, tag in (("official", "vs_official"), ("vitattn:torch", "vs_torch")):
             o = next((row for row in group if row["method"] == other), None)
             if o is None:
@@ -582,8 +616,13 @@ def goals_report(rows: List[Dict]) -> str:
         if s is None:
             out.append(f"- {r['shape']}: no official comparison (goal >= {want}x)")
         else:
-            out.append(f"- {r['shape']}: inference {s:.2f}x the official code (goal >= {want}x): "
-                       f"{'met' if s >= want else 'NOT met'}")
+            line = (f"- {r['shape']}: inference {s:.2f}x the official code (goal >= {want}x): "
+                    f"{'met' if s >= want else 'NOT met'}")
+            alone = next((o.get("vs_official_infer_speedup") for o in rows if o.get("method") == ATEN_LINEAR
+                          and o["shape"] == r["shape"] and o.get("threads") == r.get("threads")), None)
+            if alone is not None:
+                line += f"; with F.linear as the official code ({ATEN_LINEAR}): {alone:.2f}x"
+            out.append(line)
     return "\n".join(out)
 
 

@@ -262,15 +262,15 @@ def cpu_peak_gflops_per_core() -> float:
     """One core's fp32 compute limit in GFLOP/s, the denominator of every ``peak_frac``.
 
     Measured once per process by ``vitattn._C.cpu_fma_peak_gflops`` (independent FMA chains
-    on one thread, with the instruction set the kernels run with; the best of three 0.1 s
-    runs, so a busy neighbour lowers it least); ASSUMED_PEAK_GFLOPS_PER_CORE without the
+    on one thread, with the instruction set the kernels run with; the best of eight 0.05 s
+    runs, so a busy neighbour or a slow first run lowers it least); ASSUMED_PEAK_GFLOPS_PER_CORE without the
     extension. ``cpu_peak_source()`` says which, for the results' header.
     """
     if "gflops" not in _peak_cache:
         try:
             from vitattn import _C
 
-            _peak_cache["gflops"] = max(_C.cpu_fma_peak_gflops(0.1) for _ in range(3))
+            _peak_cache["gflops"] = max(_C.cpu_fma_peak_gflops(0.05) for _ in range(8))
             _peak_cache["source"] = f"measured: {_peak_cache['gflops']:.0f} GFLOP/s (vitattn._C.cpu_fma_peak_gflops)"
         except (ImportError, AttributeError) as e:
             _peak_cache["gflops"] = ASSUMED_PEAK_GFLOPS_PER_CORE

@@ -54,7 +54,8 @@ def _quick(bench, **kw):
     return bench.run(True, "cpu", ["rmt_t"], res=[64], batches=[1], repeats=1, **kw)
 
 
-def test_official_rows_with_staged_code(bench, tmp_path):
+def test_official_rows_with_staged_code(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITATTN_CPU_LINEAR", "aten")  # no F.linear row (the next test has it)
     staged = _stage(tmp_path, _AGREES)
     path_before = list(sys.path)
     rows = _quick(bench, official_dir=staged)
@@ -73,7 +74,24 @@ def test_official_rows_with_staged_code(bench, tmp_path):
         assert r["fwd_ms"] > 0 and r["infer_peak_mib"] > 0 and r["threads"] == 1 and r["dtype"] == "float32"
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+def test_f_linear_row_where_the_models_run_onednn(bench, tmp_path, monkeypatch):
+    # where the models' linear layers run oneDNN, a third row runs the same model on F.linear
+    # (VITATTN_CPU_LINEAR=aten around its calls): the attention ops' share of the speed-up
+    monkeypatch.setenv("VITATTN_CPU_LINEAR", "onednn")
+    rows = _quick(bench, official_dir=_stage(tmp_path, _AGREES))
+    assert [r["method"] for r in rows] == ["vitattn:auto", "official", bench.ATEN_LINEAR]
+    auto, official, aten = rows
+    assert aten["role"] == "backend" and aten["logits_rel_diff"] < bench.LOGITS_RTOL
+    assert aten["vs_official_infer_speedup"] == pytest.approx(official["fwd_ms"] / aten["fwd_ms"])
+    assert "vs_official_infer_speedup" in auto
+    assert os.environ["VITATTN_CPU_LINEAR"] == "onednn"  # restored after the row's calls
+    # without the official code there is nothing for the row to be compared with
+    assert bench.ATEN_LINEAR not in [r["method"] for r in _quick(bench)]
+
+
 def test_official_dir_from_the_environment_and_with_torch(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITATTN_CPU_LINEAR", "aten")
     monkeypatch.setenv("BENCH_OFFICIAL_DIR", _stage(tmp_path, _AGREES))
     rows = _quick(bench, with_torch=True)
     assert [r["method"] for r in rows] == ["vitattn:auto", "official", "vitattn:torch"]
