@@ -6,7 +6,9 @@ its code path by instruction set, reaches most of it. Measured on the 2-core AMD
 AVX-512) this project develops on, one thread, the token-projection shapes of RMT-T
 (M = 25088 tokens, K x N = 64 x 64 ... 768 x 256): F.linear 45-115 GFLOP/s, oneDNN 156-254
 GFLOP/s against a measured FMA peak of about 270; below about 2^20 multiply-adds oneDNN's
-fixed cost (~10 us a call) loses (benchmarks/bench_linear.py has the table and its command).
+fixed cost (~10 us a call) loses. On a Zen 3 EPYC with AVX2 (MKL's AVX2 sgemm) oneDNN is no
+better: forward 1.09x F.linear (geometric mean, 0.97-1.49x), forward+backward 0.88x, so F.linear
+stays there (benchmarks/results/bench_linear.md has the table and its command).
 
 Which GEMM runs (``cpu_linear_choice()`` says it, with the reason):
 
