@@ -139,6 +139,46 @@ def test_retention_layer_gradcheck(decomposed):
     assert torch.autograd.gradcheck(lambda t: layer(t, relpos(3, 4)), (x,), fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotation_to_heads_matches_the_elementwise_form(dtype):
+    # the complex-multiply rotation into head-major q, k (eager fp32/fp64) against rotate_pairs,
+    # the official x * cos + rotate_every_two(x) * sin; odd grid, poisoned-looking inputs
+    torch.manual_seed(5)
+    B, H, W, n, d = 2, 5, 7, 3, 8
+    relpos = rmt.RetNetRelPos2d(n * d, n, 2, 4).to(dtype)
+    sin, cos, _ = relpos(H, W)
+    qk = (torch.randn(B, H, W, 2, n, d, dtype=dtype) * 3).requires_grad_()
+    q, k = rmt.rotate_qk_to_heads(qk, sin, cos)
+    assert q.shape == k.shape == (B, n, H, W, d) and q.is_contiguous() and k.is_contiguous()
+    assert "RotateToHeads" in type(q.grad_fn.next_functions[0][0]).__name__  # (through the select)
+    want = rmt.rotate_pairs(qk.detach(), sin.unsqueeze(-2), cos.unsqueeze(-2))
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(q, want[:, :, :, 0].permute(0, 3, 1, 2, 4), **tol)
+    torch.testing.assert_close(k, want[:, :, :, 1].permute(0, 3, 1, 2, 4), **tol)
+    # gradients: the inverse rotation, through a non-contiguous upstream gradient
+    gq, gk = torch.randn(2, B, n, H, W, d, dtype=dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+    (gx,) = torch.autograd.grad((q, k), qk, (gq, gk))
+    qk2 = qk.detach().requires_grad_()
+    r = rmt.rotate_pairs(qk2, sin.unsqueeze(-2), cos.unsqueeze(-2))
+    (gx_want,) = torch.autograd.grad((r[:, :, :, 0].permute(0, 3, 1, 2, 4), r[:, :, :, 1].permute(0, 3, 1, 2, 4)),
+                                     qk2, (gq, gk))
+    torch.testing.assert_close(gx, gx_want, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: rmt.rotate_qk_to_heads(t, sin, cos), (qk.detach().requires_grad_(),))
+
+
+def test_rotation_to_heads_outside_plain_eager_is_the_elementwise_form():
+    # traced graphs (compile, export, ONNX) and low-precision inputs keep the element-wise form
+    torch.manual_seed(6)
+    sin, cos, _ = rmt.RetNetRelPos2d(16, 2, 2, 4)(3, 4)
+    qk = torch.randn(1, 3, 4, 2, 2, 8)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: rmt.rotate_qk_to_heads(t, sin, cos))(qk)
+    assert "view_as_complex" not in str(gm.graph) and "flip" in str(gm.graph)
+    torch.testing.assert_close(gm(qk)[0], rmt.rotate_qk_to_heads(qk, sin, cos)[0], atol=1e-6, rtol=1e-6)
+    q16, _ = rmt.rotate_qk_to_heads(qk.half(), sin.half(), cos.half())
+    assert q16.dtype == torch.float16 and not q16.is_contiguous()
+
+
 def test_retention_fp32_close_to_fp64():
     torch.manual_seed(3)
     layer = rmt.VisionRetention(32, 2, decomposed=True, attn_backend="torch")

@@ -41,9 +41,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import masa
 from ..nn._linear import Linear, linear
+from ..ops._library import plain_eager
 from ._common import DropPath, build, check_attn_backend, load_features_checkpoint
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -107,6 +109,52 @@ def rotate_pairs(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     return torch.addcmul(x * cos, swapped, sin)
 
 
+class _RotateToHeads(torch.autograd.Function):
+    """qk (B, H, W, 2, heads, d), its channel pairs rotated by rotor (H, W, 1, 1, d/2, complex),
+    returned head-major: (2, B, heads, H, W, d), contiguous.
+
+    One complex multiply per pair (the rotation's arithmetic) that writes straight into the
+    layout the attention op reads fastest: each head's (H, W, d) slab contiguous instead of a
+    token's heads interleaved (measured on the RMT-T stage-1 shapes: the rotation ~5x faster
+    than the element-wise form, the op ~25% faster on the packed q and k)."""
+
+    @staticmethod
+    def forward(ctx, qk: Tensor, rotor: Tensor) -> Tensor:
+        B, H, W, two, n, d = qk.shape
+        out = torch.empty((two, B, n, H, W, d // 2), dtype=rotor.dtype, device=qk.device)
+        torch.mul(torch.view_as_complex(qk.unflatten(-1, (-1, 2))), rotor, out=out.permute(1, 3, 4, 0, 2, 5))
+        ctx.save_for_backward(rotor)
+        return torch.view_as_real(out).flatten(-2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (rotor,) = ctx.saved_tensors
+        two, B, n, H, W, d = grad.shape
+        grad = grad.contiguous()
+        out = torch.empty((B, H, W, two, n, d // 2), dtype=rotor.dtype, device=grad.device)
+        # the inverse rotation: multiply by the conjugate rotor
+        torch.mul(torch.view_as_complex(grad.unflatten(-1, (-1, 2))).permute(1, 3, 4, 0, 2, 5), rotor.conj(),
+                  out=out)
+        return torch.view_as_real(out).flatten(-2), None
+
+
+def rotate_qk_to_heads(qk: Tensor, sin: Tensor, cos: Tensor) -> Tuple[Tensor, Tensor]:
+    """q and k, each (B, heads, H, W, d), from qk (B, H, W, 2, heads, d) rotated by
+    :class:`RetNetRelPos2d`'s sin and cos (H, W, 1, d).
+
+    fp32 / fp64 in plain eager mode: :class:`_RotateToHeads` (contiguous head-major q and k);
+    otherwise (low-precision autocast, torch.compile, torch.export, ONNX export) the same
+    values from :func:`rotate_pairs`, as strided views.
+    """
+    if qk.dtype in (torch.float32, torch.float64) and plain_eager((qk, sin, cos)):
+        rotor = torch.complex(cos[..., 0::2], sin[..., 1::2]).unsqueeze(-2)  # (H, W, 1, 1, d/2)
+        out = _RotateToHeads.apply(qk, rotor.to(torch.complex64 if qk.dtype == torch.float32 else torch.complex128))
+        return out[0], out[1]
+    qk = rotate_pairs(qk, sin.unsqueeze(-2), cos.unsqueeze(-2))
+    return qk[:, :, :, 0].permute(0, 3, 1, 2, 4), qk[:, :, :, 1].permute(0, 3, 1, 2, 4)
+
+
 class VisionRetention(nn.Module):
     """RMT's Manhattan self-attention layer (official VisionRetentionChunk / VisionRetentionAll).
 
@@ -155,16 +203,14 @@ class VisionRetention(nn.Module):
         # under autocast the projections are low precision while sin/cos stay fp32: rotate in the
         # projections' dtype so that q, k and v reach the op in one dtype
         sin, cos = sin.to(qk.dtype), cos.to(qk.dtype)
-        # q and k rotated together: (B, H, W, 2, heads, d) against (H, W, 1, 1, d)
-        qk = rotate_pairs(qk.view(B, H, W, 2, n, self.key_dim), sin.unsqueeze(-2), cos.unsqueeze(-2))
-        # (B, H, W, heads, d) -> (B, heads, H, W, d) as strided views; the op takes any strides
-        out = masa(
-            qk[:, :, :, 0].permute(0, 3, 1, 2, 4), qk[:, :, :, 1].permute(0, 3, 1, 2, 4),
-            v.view(B, H, W, n, self.head_dim).permute(0, 3, 1, 2, 4),
-            gamma, decomposed=self.decomposed, scale=1.0, backend=self.attn_backend,
-        )
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, n * self.head_dim)
-        return self.out_proj(out + lepe)
+        # q and k rotated together, (B, heads, H, W, d) each; v as a strided view
+        q, k = rotate_qk_to_heads(qk.view(B, H, W, 2, n, self.key_dim), sin, cos)
+        out = masa(q, k, v.view(B, H, W, n, self.head_dim).permute(0, 3, 1, 2, 4),
+                   gamma, decomposed=self.decomposed, scale=1.0, backend=self.attn_backend)
+        # the residual add reads out (B, heads, H, W, dv) through its strides and writes lepe's
+        # (B, H, W, C) layout: no separate copy of out to channels-last
+        out = torch.add(lepe.reshape(B, H, W, n, self.head_dim), out.permute(0, 2, 3, 1, 4))
+        return self.out_proj(out.reshape(B, H, W, n * self.head_dim))
 
 
 class FeedForwardNetwork(nn.Module):
