@@ -79,6 +79,19 @@ inline T hsum(const Vectorized<T>& x) {
   return s;
 }
 
+// Across-lane reductions through shuffles (at::vec; a store and a scalar loop for fp64 and
+// the baseline build): the forward's per-row softmax takes one of each per row.
+template <typename T>
+inline T vsum_all(const Vectorized<T>& x) {
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, x);
+}
+
+template <typename T>
+inline T vmax_all(const Vectorized<T>& x) {
+  return at::vec::vec_reduce_all<T>(
+      [](const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }, x);
+}
+
 template <typename T>
 inline T hmax(const Vectorized<T>& x) {
   T buf[kLanes<T>];
@@ -380,14 +393,14 @@ void softmax_exp_rows(T* S, int64_t ld, int64_t M, int64_t cols, const T* rowmax
   constexpr int L = kLanes<T>;
   for (int64_t i = 0; i < M; ++i) {
     T* srow = S + i * ld;
-    const V vm(hmax(V::loadu(rowmax + i * L)));
+    const V vm(vmax_all(V::loadu(rowmax + i * L)));
     V acc(T(0));
     for (int64_t j = 0; j < cols; j += L) {
       const V p = vexp(V::loadu(srow + j) - vm);
       acc = acc + p;
       p.store(srow + j);
     }
-    inv[i] = T(1) / hsum(acc);
+    inv[i] = T(1) / vsum_all(acc);
   }
 }
 
@@ -695,7 +708,7 @@ void problem_fwd(const FwdBuf<T>& b, int64_t X, T scale, T lg, const View<S>& q,
       for (int64_t i = 0; i < M; ++i) {
         T* srow = b.s + i * bk.BN;
         const T m_old = b.m[i];
-        const T bmax = hmax(V::loadu(b.rowmax + i * L));
+        const T bmax = vmax_all(V::loadu(b.rowmax + i * L));
         const T m_new = bmax > m_old ? bmax : m_old;
         const V vm(m_new);
         V acc(T(0));
@@ -704,9 +717,13 @@ void problem_fwd(const FwdBuf<T>& b, int64_t X, T scale, T lg, const View<S>& q,
           acc = acc + p;
           p.store(srow + j);
         }
-        const T alpha = std::exp(m_old - m_new);  // 0 on the first block (m_old = -inf)
-        b.l[i] = b.l[i] * alpha + hsum(acc);
         b.m[i] = m_new;
+        if (jb == 0) {  // the first block: nothing to rescale (every row and column, most grids)
+          b.l[i] = vsum_all(acc);
+          continue;
+        }
+        const T alpha = std::exp(m_old - m_new);
+        b.l[i] = b.l[i] * alpha + vsum_all(acc);
         if (jb > 0 && alpha != T(1)) {
           T* orow = b.o + i * dvp;
           for (int64_t f = 0; f < dvp; f += L) (V::loadu(orow + f) * V(alpha)).store(orow + f);
@@ -722,7 +739,12 @@ void problem_fwd(const FwdBuf<T>& b, int64_t X, T scale, T lg, const View<S>& q,
       const V inv(T(1) / b.l[i]);
       for (int64_t f = 0; f < dvp; f += L) (V::loadu(orow + f) * inv).store(orow + f);
     }
-    lse.each(i0, i0 + M, [&](int64_t i, T* p) { *p = b.m[i] + std::log(b.l[i]); });
+    // lse = m + log(l), a vector of rows at a time (into l, no longer needed)
+    for (int64_t i = 0; i < M; i += L) {
+      const int64_t n = imin(L, M - i);
+      (V::loadu(b.m + i, n) + V::loadu(b.l + i, n).log()).store(b.l + i, n);
+    }
+    lse.each(i0, i0 + M, [&](int64_t i, T* p) { *p = b.l[i]; });
     write_rows(out, i0, M, dv, b.o, dvp, T(1), false);
   }
 }
