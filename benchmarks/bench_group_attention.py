@@ -67,7 +67,6 @@ SHAPES = {
     "SReT-S s3": (49, 12, 42, 1, False),
 }
 QUICK_SHAPES = ("SReT-T s1", "SReT-T s1 rec", "SReT-S s2", "SReT-S s3")
-# one Zen 3 core: 2 FMA pipes x 8 fp32 lanes x 2 FLOP at ~3 GHz
 COLUMNS = ["shape", "N", "G", "n", "perm", "heads", "d", "batch", "threads", "method", "backend", "fwd_ms",
            "fwd_bwd_ms", "vs_naive_fwd", "vs_naive_fwd_bwd", "vs_sdpa_fwd_bwd", "fwd_gflops", "fwd_bwd_gflops",
            "fwd_peak_frac", "speedup_2t", "peak_mib", "fwd_cpu_ms", "fwd_bwd_cpu_ms"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, cpu_peak_gflops_per_core, time_alternating  # noqa: E402
+from common import cli, cpu_peak_gflops_per_core, environ, time_alternating  # noqa: E402
 
 from vitattn.nn import _linear  # noqa: E402
 
@@ -53,17 +53,11 @@ SHAPES = {
 }
 
 
-def _with_setting(setting: str, fn):
+def _with_onednn(fn):
+    """fn called with VITATTN_CPU_LINEAR=onednn (F.linear ignores it: both methods pay the same)."""
     def call():
-        saved = os.environ.get("VITATTN_CPU_LINEAR")
-        os.environ["VITATTN_CPU_LINEAR"] = setting
-        try:
+        with environ({"VITATTN_CPU_LINEAR": "onednn"}):
             return fn()
-        finally:
-            if saved is None:
-                os.environ.pop("VITATTN_CPU_LINEAR")
-            else:
-                os.environ["VITATTN_CPU_LINEAR"] = saved
     return call
 
 
@@ -94,8 +88,8 @@ def run(quick: bool, device: torch.device) -> List[Dict]:
                 return lambda: torch.autograd.grad(f(xg, wg, bg), (xg, wg, bg), dy)
 
             methods = {"F.linear": F.linear, "onednn": _linear.linear}
-            calls_f = {m: _with_setting("onednn", fwd(f)) for m, f in methods.items()}
-            calls_b = {m: _with_setting("onednn", fwd_bwd(f)) for m, f in methods.items()}
+            calls_f = {m: _with_onednn(fwd(f)) for m, f in methods.items()}
+            calls_b = {m: _with_onednn(fwd_bwd(f)) for m, f in methods.items()}
             repeats, min_time = (5, 0.2) if quick else (15, 1.0)
             tf, _ = time_alternating(calls_f, warmup=2, repeats=repeats, min_time=min_time)
             tb, _ = time_alternating(calls_b, warmup=2, repeats=repeats, min_time=min_time)

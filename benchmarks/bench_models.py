@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, mark_unavailable, peak_memory_mb, time_fn  # noqa: E402
+from common import bench_device, cli, environ, mark_unavailable, peak_memory_mb, time_fn  # noqa: E402
 
 import vitattn  # noqa: E402
 import vitattn.models as models  # noqa: E402
@@ -343,25 +343,12 @@ class Runner:
         self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
         self.env = env or {}  # environment variables set around every call of this runner
 
-    @contextlib.contextmanager
-    def _env(self):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
     def infer(self) -> torch.Tensor:
-        with torch.no_grad(), self._env():
+        with torch.no_grad(), environ(self.env):
             return self.model(self.x)
 
     def train_step(self) -> None:
-        with self._env():
+        with environ(self.env):
             self.opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(self.x), self.y)
             loss.backward()

@@ -252,6 +252,21 @@ def environment(device: torch.device) -> Dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def environ(values: Dict[str, str]):
+    """os.environ updated with values inside the block, restored (or removed) after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # One core's fp32 compute limit when it cannot be measured (no compiled extension): a Zen 3
 # core with AVX2, 2 FMA pipes x 8 lanes x 2 flops x ~3 GHz.
 ASSUMED_PEAK_GFLOPS_PER_CORE = 96.0

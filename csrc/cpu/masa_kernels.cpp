@@ -92,15 +92,6 @@ inline T vmax_all(const Vectorized<T>& x) {
       [](const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }, x);
 }
 
-template <typename T>
-inline T hmax(const Vectorized<T>& x) {
-  T buf[kLanes<T>];
-  x.store(buf);
-  T m = buf[0];
-  for (int i = 1; i < kLanes<T>; ++i) m = buf[i] > m ? buf[i] : m;
-  return m;
-}
-
 // ---------------------------------------------------------------- tile GEMM
 
 // The register tile rows [i, i + MR) x columns [j, j + NV * L) of A (rows x K, element
@@ -724,7 +715,7 @@ void problem_fwd(const FwdBuf<T>& b, int64_t X, T scale, T lg, const View<S>& q,
         }
         const T alpha = std::exp(m_old - m_new);
         b.l[i] = b.l[i] * alpha + vsum_all(acc);
-        if (jb > 0 && alpha != T(1)) {
+        if (alpha != T(1)) {
           T* orow = b.o + i * dvp;
           for (int64_t f = 0; f < dvp; f += L) (V::loadu(orow + f) * V(alpha)).store(orow + f);
         }
