@@ -290,3 +290,19 @@ def test_bench_models_rows(monkeypatch):
     assert auto["vs_torch_train_speedup"] == pytest.approx(ref["fwd_bwd_ms"] / auto["fwd_bwd_ms"])
     assert "official not available" in auto["note"]
     assert set(bench.COLUMNS) >= {"fwd_ms", "fwd_bwd_ms", "infer_peak_mib", "train_peak_mib"}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_OPS))
+def test_inference_mode_matches_no_grad(name):
+    """Deployment runs under torch.inference_mode, whose tensors carry no version counter:
+    every family's forward must run there and give the no_grad logits."""
+    torch.manual_seed(0)
+    model = models.create_model(name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = model(x)
+    for _ in range(2):  # the second call meets whatever the first one cached
+        with torch.inference_mode():
+            got = model(x)
+        assert got.is_inference()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -40,14 +40,23 @@ def value_checks_enabled() -> bool:
     return _MODE != "off" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
+def _remembered(t: torch.Tensor) -> bool:
+    # inference tensors (made under torch.inference_mode) have no version counter, so a
+    # passed check cannot be tied to their contents: they are checked on every call
+    return not t.is_inference()
+
+
 def trust(t: torch.Tensor, check: str) -> torch.Tensor:
     """Record that t passes `check` (for tensors vitattn made itself, e.g. random_permutation)."""
-    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # no checks run there
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no checks run there
+    if not tracing and _remembered(t):
         _SEEN.setdefault(t, {})[check] = t._version
     return t
 
 
 def is_trusted(t: torch.Tensor, check: str) -> bool:
+    if not _remembered(t):
+        return False
     seen = _SEEN.get(t)
     return seen is not None and seen.get(check) == t._version
 
@@ -63,8 +72,7 @@ def check_values(op: str, check: str, t: torch.Tensor, bad: Callable[[torch.Tens
         tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         if not (always_on_cpu and t.device.type == "cpu" and not tracing):
             return
-    seen = _SEEN.get(t)
-    if seen is not None and seen.get(check) == t._version:
+    if is_trusted(t, check):
         return
     with torch.no_grad():
         if t.device.type == "cpu" or _MODE == "eager":
@@ -74,7 +82,8 @@ def check_values(op: str, check: str, t: torch.Tensor, bad: Callable[[torch.Tens
             torch._assert_async(bad(t).any().logical_not(), f"{op}: {check} failed (see vitattn.set_value_checks('eager') "
                                                "for a host-side message)")
             return  # a device-side check proves nothing yet: do not remember it
-    _SEEN.setdefault(t, {})[check] = t._version
+    if _remembered(t):
+        _SEEN.setdefault(t, {})[check] = t._version
 
 
 def tensor(op: str, name: str, x, ndim: Optional[int] = None, *, min_ndim: Optional[int] = None) -> torch.Tensor:
