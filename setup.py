@@ -147,7 +147,8 @@ setup(
     packages=find_packages(include=["vitattn", "vitattn.*"]) + ["vitattn.kernels", "vitattn.benchmarks"],
     package_dir={"vitattn.kernels": "kernels", "vitattn.benchmarks": "benchmarks"},
     # the measurements "auto" ranks the backends by (vitattn/_dispatch.py)
-    package_data={f"vitattn.ops.{op}": ["measured.json"] for op in ("masa", "sinkhorn", "group_attention", "dynamixer")},
+    package_data={f"vitattn.ops.{op}": ["measured.json"] for op in ("masa", "sinkhorn", "group_attention", "dynamixer",
+                                                                   "depthwise_conv")},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

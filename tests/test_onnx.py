@@ -125,6 +125,10 @@ OPS = {
     "dynamixer_no_bias": (lambda g, B: (torch.randn(B, L, C, generator=g), torch.randn(SEG * DC, C, generator=g) * 0.3,
                                         torch.randn(L * L, L * DC, generator=g) * 0.3),
                           lambda x, wc, wg: vitattn.dynamixer(x, wc, None, wg, None, SEG), (0,)),
+    # x (B, H, W, C) channels-last, a 3x5 kernel with padding (1, 2) as RMT's convolutions
+    "depthwise_conv2d_nhwc": (lambda g, B: (torch.randn(B, 5, 7, 6, generator=g), torch.randn(6, 1, 3, 5, generator=g),
+                                            torch.randn(6, generator=g)),
+                              lambda x, w, b: vitattn.depthwise_conv2d_nhwc(x, w, b, (1, 2)), (0,)),
 }
 
 
@@ -384,7 +388,8 @@ def test_plain_torch_export_keeps_every_custom_op(ops_exported):
     module = AllOps(OPS, counts).eval()
     ep = torch.export.export(module, tuple(args))
     targets = _op_targets(ep.graph)
-    for op in ("masa_fwd", "sinkhorn_fwd", "sinkhorn_ot_fwd", "group_attention_fwd", "dynamixer_fwd"):
+    for op in ("masa_fwd", "sinkhorn_fwd", "sinkhorn_ot_fwd", "group_attention_fwd", "dynamixer_fwd",
+               "depthwise_conv2d_nhwc_fwd"):
         assert f"vitattn.{op}.default" in targets, (op, targets)
     assert not any("softmax" in t for t in targets), targets  # no decomposed attention in the graph
     got = ep.module()(*args)

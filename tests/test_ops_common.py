@@ -33,6 +33,7 @@ def calls(device="cpu", dtype=torch.float32, B=2, seed=0):
     S = r(B, 5, 7)
     xd = r(B, 6, 8)
     wc, bc, wg, bg = r(4, 8), r(4), r(36, 12), r(36)
+    xc, wdc, bdc = r(B, 5, 6, 7), r(7, 1, 3, 3), r(7)
     return [
         ("masa", (q, k, v, 0.8), {}, (q, k, v)),
         ("masa", (q, k, v, 0.8), {"decomposed": True}, (q, k, v)),
@@ -41,13 +42,14 @@ def calls(device="cpu", dtype=torch.float32, B=2, seed=0):
         ("ot_attention", (x, ref, xv), {}, (x, ref, xv)),
         ("group_attention", (gq, gk, gv, 3), {"perm": vitattn.random_permutation(12, device=device)}, (gq, gk, gv)),
         ("dynamixer", (xd, wc, bc, wg, bg, 2), {}, (xd, wc, bc, wg, bg)),
+        ("depthwise_conv2d_nhwc", (xc, wdc, bdc, 1), {}, (xc, wdc, bdc)),
     ]
 
 
 # ---------------------------------------------------------------- explain
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(8))
 def test_explain_takes_the_ops_own_arguments(i):
     name, args, kwargs, _ = calls()[i]
     ex = vitattn.explain(name, *args, **kwargs)
@@ -167,6 +169,8 @@ def _empty_calls(device):
         ("group_attention", (z(0, 2, 12, 8), z(0, 2, 12, 8), z(0, 2, 12, 5), 3), {}, (0, 2, 12, 5)),
         ("group_attention", (z(2, 2, 0, 8), z(2, 2, 0, 8), z(2, 2, 0, 5), 3), {}, (2, 2, 0, 5)),
         ("dynamixer", (z(0, 6, 8), z(4, 8), z(4), z(36, 12), z(36), 2), {}, (0, 6, 8)),
+        ("depthwise_conv2d_nhwc", (z(0, 5, 6, 7), z(7, 1, 3, 3), z(7), 1), {}, (0, 5, 6, 7)),
+        ("depthwise_conv2d_nhwc", (z(2, 5, 6, 0), z(0, 1, 3, 3), None, (1, 0)), {}, (2, 5, 4, 0)),
     ]
 
 
@@ -183,7 +187,7 @@ def _graph_nodes(fn):
     return names
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(8))
 def test_eager_fast_path_matches_the_custom_op(i, monkeypatch):
     """Plain eager calls run the op's implementation through one autograd.Function (or bare
     without gradients), skipping torch.ops' Python layers; values and gradients must be
@@ -226,7 +230,7 @@ def test_eager_fast_path_refuses_traces_modes_and_subclasses():
     assert seen == [False]
 
 
-@pytest.mark.parametrize("i", range(10))
+@pytest.mark.parametrize("i", range(12))
 def test_empty_batches_give_empty_results_and_gradients(i):
     name, args, kwargs, want = _empty_calls("cpu")[i]
     backends = [b for b in vitattn.backends(name) if b != "auto"]
@@ -261,7 +265,7 @@ def test_empty_problem_dims_raise_naming_the_argument(fn, args, match):
 # ---------------------------------------------------------------- no host synchronisation
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(8))
 def test_fake_cuda_tensors_need_no_data_dependent_python(i):
     """Every public op with default value checks on fake CUDA tensors: any Python branch on
     tensor data (a host synchronisation on a real GPU) would raise. (Autograd on fake CUDA
@@ -380,13 +384,14 @@ def test_no_public_function_shadows_a_module_and_ops_have_one_home():
     import importlib
     import types
 
-    for op in ("masa", "sinkhorn", "group_attention", "dynamixer"):
+    for op in ("masa", "sinkhorn", "group_attention", "dynamixer", "depthwise_conv"):
         pkg = importlib.import_module(f"vitattn.ops.{op}")
         assert isinstance(pkg, types.ModuleType)
         for part in ("op", "backends", "torch_impl", "reference"):
             assert isinstance(importlib.import_module(f"vitattn.ops.{op}.{part}"), types.ModuleType)
         assert importlib.import_module(f"vitattn.ops.{op}.backends").dispatcher.names[0] == "auto"
-    for fn in ("masa", "sinkhorn", "ot_aggregate", "ot_attention", "group_attention", "dynamixer"):
+    for fn in ("masa", "sinkhorn", "ot_aggregate", "ot_attention", "group_attention", "dynamixer",
+               "depthwise_conv2d_nhwc"):
         assert callable(getattr(vitattn, fn)) and callable(getattr(vitattn.reference, fn))
         assert f"vitattn.{fn}" not in sys.modules and f"vitattn.reference.{fn}" not in sys.modules
 
@@ -433,3 +438,33 @@ def test_auto_choice_is_kept_per_call_signature():
     with pytest.raises(D.BackendUnavailableError, match="odd sizes"):
         disp.choose("even", ctx(5))  # a named backend is always checked
     assert calls_seen == [4, 5, 5]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_inference_mode_gives_the_no_grad_result(i):
+    """Tensors made under torch.inference_mode have no version counter, so value checks
+    cannot be remembered for them: they run on every call, and the op works."""
+    name, args, kwargs, _ = calls(seed=i)[i]
+    with torch.no_grad():
+        want = getattr(vitattn, name)(*args, **kwargs)
+    with torch.inference_mode():
+        inf_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # inference tensors
+        inf_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        for _ in range(2):
+            got = getattr(vitattn, name)(*inf_args, **inf_kwargs)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_inference_mode_permutations_and_gamma_are_still_checked():
+    with torch.inference_mode():
+        perm = vitattn.random_permutation(12)
+        assert perm.is_inference()
+        q = torch.randn(1, 2, 12, 8)
+        vitattn.group_attention(q, q, q, 3, perm=perm)
+        bad = perm.clone()
+        bad[0] = bad[1]
+        with pytest.raises(ValueError, match="perm must be a permutation"):
+            vitattn.group_attention(q, q, q, 3, perm=bad)
+        with pytest.raises(ValueError, match="gamma"):
+            vitattn.masa(torch.randn(1, 2, 3, 4, 8), torch.randn(1, 2, 3, 4, 8), torch.randn(1, 2, 3, 4, 8),
+                         torch.tensor([0.5, 1.5]))

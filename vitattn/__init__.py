@@ -2,7 +2,7 @@
 
 The public ops (each lives in vitattn/ops/<op>/):
   masa, sinkhorn, ot_aggregate, ot_attention, gaussian_filter_1d, gaussian_filter_2d,
-  group_attention, random_permutation, inverse_permutation, dynamixer.
+  group_attention, random_permutation, inverse_permutation, dynamixer, depthwise_conv2d_nhwc.
 Dense references: vitattn.reference.<op>. Which backend runs a call, and why:
 vitattn.explain("<op>", *the op's arguments). Models: vitattn.models.
 """
@@ -16,10 +16,12 @@ from .ops.sinkhorn.op import (  # noqa: F401
     gaussian_filter_1d, gaussian_filter_2d, ot_aggregate, ot_attention, sinkhorn)
 from .ops.group_attention.op import group_attention, inverse_permutation, random_permutation  # noqa: F401
 from .ops.dynamixer.op import dynamixer  # noqa: F401
+from .ops.depthwise_conv.op import depthwise_conv2d_nhwc  # noqa: F401
 from . import reference  # noqa: F401
 
 
 def _ops():
+    from .ops.depthwise_conv import op as dc
     from .ops.dynamixer import op as dm
     from .ops.group_attention import op as ga
     from .ops.masa import op as ma
@@ -33,6 +35,7 @@ def _ops():
         "ot_attention": (sk.explain_ot_attention, sk.dispatcher),
         "group_attention": (ga.explain, ga.dispatcher),
         "dynamixer": (dm.explain, dm.dispatcher),
+        "depthwise_conv2d_nhwc": (dc.explain, dc.dispatcher),
     }
 
 

@@ -32,7 +32,8 @@ log = logging.getLogger("vitattn.dispatch")
 _AUTO_CACHE_SIZE = 4096  # distinct call signatures remembered per op before starting over
 
 # the public ops, by the names explain(), VITATTN_BACKEND and error messages use
-OPS = ("masa", "sinkhorn", "ot_aggregate", "ot_attention", "group_attention", "dynamixer")
+OPS = ("masa", "sinkhorn", "ot_aggregate", "ot_attention", "group_attention", "dynamixer",
+       "depthwise_conv2d_nhwc")
 
 Check = Callable[[Dict[str, Any], bool], Optional[str]]
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 # run in this order; any other benchmarks/bench_<name>.py with a run() follows, by name
-BENCHMARKS = ("masa", "sinkhorn", "group_attention", "dynamixer", "models")
+BENCHMARKS = ("masa", "sinkhorn", "group_attention", "dynamixer", "depthwise_conv", "models")
 TIME_METRICS = ("fwd_ms", "fwd_bwd_ms")
 MAIN_METRICS = TIME_METRICS + ("peak_mib",)
 METRIC_LABEL = {"fwd_ms": "forward", "fwd_bwd_ms": "forward+backward"}

@@ -4,6 +4,7 @@ Each lives with its op (vitattn/ops/<op>/reference.py); they materialise the N x
 (n x m, L x L) intermediates exactly as the official code does.
 """
 
+from ..ops.depthwise_conv.reference import depthwise_conv2d_nhwc  # noqa: F401
 from ..ops.dynamixer.reference import dynamixer  # noqa: F401
 from ..ops.group_attention.reference import group_attention  # noqa: F401
 from ..ops.masa.reference import masa  # noqa: F401
