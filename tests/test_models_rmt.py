@@ -339,3 +339,68 @@ def test_bad_arguments():
         model(torch.randn(2, 4, 64, 64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         model([1.0])
+
+
+# ---------------------------------------------------------------- depthwise convolutions
+
+
+@pytest.mark.parametrize("k,dtype", [(3, torch.float32), (5, torch.float64), (3, torch.float64)])
+def test_dwconv_residual_is_x_plus_conv(k, dtype):
+    """DWConv2d(x, residual=True) folds the residual into the centre tap: values and every
+    gradient equal x + conv(x) computed the official way (nn.Conv2d on the channels-last view)."""
+    torch.manual_seed(k)
+    layer = rmt.DWConv2d(13, k, 1, k // 2).to(dtype)
+    x = torch.randn(2, 7, 9, 13, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 7, 9, 13, dtype=dtype)
+    got = layer(x, residual=True)
+    g_got = torch.autograd.grad(got, [x, layer.conv.weight, layer.conv.bias], dy)
+    want = x + layer.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    g_want = torch.autograd.grad(want, [x, layer.conv.weight, layer.conv.bias], dy)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(layer(x), want - x, **tol)  # residual off: the convolution alone
+
+
+def test_dwconv_residual_is_not_folded_in_low_precision_or_other_strides():
+    """Under autocast the centre tap + 1 would round the weight: x + conv(x) is computed as two
+    terms there (a bf16 convolution added to x, as the official layer), and a stride-2 layer
+    runs nn.Conv2d."""
+    torch.manual_seed(0)
+    layer = rmt.DWConv2d(8, 3, 1, 1)
+    x = torch.randn(2, 6, 6, 8)
+    seen = []
+    real = rmt.depthwise_conv2d_nhwc
+
+    def spy(x, w, *args, **kwargs):
+        seen.append(w.detach().clone())
+        return real(x, w, *args, **kwargs)
+
+    rmt.depthwise_conv2d_nhwc = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x, residual=True)
+            official = x + layer.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        assert y.dtype == official.dtype
+        assert torch.equal(seen[-1], layer.conv.weight.detach())  # not folded
+        layer(x, residual=True)
+        assert not torch.equal(seen[-1], layer.conv.weight.detach())  # fp32: folded
+    finally:
+        rmt.depthwise_conv2d_nhwc = real
+    want = x + layer.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y.float(), want, atol=6e-2, rtol=6e-2)
+    strided = rmt.DWConv2d(8, 3, 2, 1)
+    torch.testing.assert_close(strided(x), strided.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+def test_rmt_runs_its_depthwise_convolutions_through_the_op():
+    """The model's depthwise convolutions are vitattn.depthwise_conv2d_nhwc calls (C++ kernels
+    on the CPU where built), and the official state_dict names are kept (conv.weight/bias)."""
+    model = rmt.rmt_t().eval()
+    assert "layers.0.blocks.0.pos.conv.weight" in model.state_dict()
+    assert "layers.0.blocks.0.ffn.dwconv.conv.weight" in model.state_dict()
+    with torch.profiler.profile() as prof, torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    names = {e.key for e in prof.key_averages()}
+    assert any("depthwise_conv" in n for n in names), sorted(names)[:20]

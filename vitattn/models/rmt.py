@@ -43,7 +43,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .. import masa
+from .. import depthwise_conv2d_nhwc, masa
 from ..nn._linear import Linear, linear
 from ..ops._library import plain_eager
 from ._common import DropPath, build, check_attn_backend, load_features_checkpoint
@@ -55,14 +55,32 @@ __all__ = ["VisRetNet", "RMT", "RetBlock", "VisionRetention", "rmt_t", "rmt_s", 
 
 
 class DWConv2d(nn.Module):
-    """Depthwise conv on channels-last (B, H, W, C) activations (the permutes are views)."""
+    """Depthwise conv on channels-last (B, H, W, C) activations. The weights are an
+    nn.Conv2d's (the official checkpoints' ``conv.weight`` / ``conv.bias``); stride-1 layers
+    (all of RMT's) run vitattn.depthwise_conv2d_nhwc on (B, H, W, C) directly."""
 
     def __init__(self, dim: int, kernel_size: int, stride: int, padding: int):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, groups=dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    def forward(self, x: Tensor, residual: bool = False) -> Tensor:
+        """conv(x), or x + conv(x) with ``residual``."""
+        conv = self.conv
+        if conv.stride != (1, 1):
+            y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return x + y if residual else y
+        w = conv.weight
+        kh, kw = w.shape[2:]
+        same_size = conv.padding == (kh // 2, kw // 2) and kh % 2 == 1 and kw % 2 == 1
+        if residual and same_size and x.dtype in (torch.float32, torch.float64) and \
+                not torch.is_autocast_enabled(x.device.type):
+            # x + conv(x) is conv(x) with 1 added to the centre tap: one pass over the
+            # activations instead of two (kept out of low precision, where w + 1 would round w)
+            delta = w.new_zeros((1, 1, kh, kw))
+            delta[:, :, kh // 2, kw // 2] = 1.0
+            return depthwise_conv2d_nhwc(x, w + delta, conv.bias, conv.padding)
+        y = depthwise_conv2d_nhwc(x, w, conv.bias, conv.padding)
+        return x + y if residual else y
 
 
 class RetNetRelPos2d(nn.Module):
@@ -229,7 +247,7 @@ class FeedForwardNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.activation_dropout_module(F.gelu(self.fc1(x)))
         if self.dwconv is not None:
-            x = x + self.dwconv(x)
+            x = self.dwconv(x, residual=True)
         return self.dropout_module(self.fc2(x))
 
 
@@ -255,7 +273,7 @@ class RetBlock(nn.Module):
             self.gamma_2 = nn.Parameter(layer_init_values * torch.ones(1, 1, 1, embed_dim))
 
     def forward(self, x: Tensor, rel_pos: Tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        x = x + self.pos(x)
+        x = self.pos(x, residual=True)
         a = self.retention(self.retention_layer_norm(x), rel_pos)
         if self.layerscale:
             a = self.gamma_1 * a
