@@ -177,14 +177,33 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
 
 
-def test_matches_pytorch_convolution_and_is_auto_on_cpu():
-    """The op is F.conv2d on the channels-last view, and "auto" takes the C++ kernels for
-    float32 on the CPU where they are built (ranked by measured.json)."""
+def test_matches_pytorch_convolution():
+    """The op is F.conv2d on the channels-last view."""
     x, w, b = make(2, 9, 7, 21, 5, 5, torch.float32, 8)
     want = F.conv2d(x.permute(0, 3, 1, 2), w, b, 1, 2, 1, 21).permute(0, 2, 3, 1)
     torch.testing.assert_close(vitattn.depthwise_conv2d_nhwc(x, w, b, 2), want, atol=2e-5, rtol=1e-4)
-    if CPU_OK:
-        assert vitattn.explain("depthwise_conv2d_nhwc", x, w, b, 2).chosen == "cpu"
+
+
+@pytest.mark.skipif(not CPU_OK, reason="the C++ CPU kernels are not built")
+def test_auto_follows_the_measurements_per_shape_class_and_mode():
+    """"auto" takes the committed ranking of the call's class (taps, image size, channels, and
+    whether a backward is recorded: forward and backward rank differently); classes the
+    benchmark did not measure keep the static order (cpu first)."""
+    from vitattn.ops.depthwise_conv.backends import dispatcher, shape_class
+
+    table = dispatcher.measured().get("cpu", {})
+    assert table, "measured.json has no CPU ranking"
+    for (hw, C, k) in ((56, 64, 3), (56, 192, 3), (14, 768, 3), (7, 512, 5), (9, 21, 5)):
+        x, w, b = make(1, hw, hw, C, k, k, torch.float32, 0)
+        for grad in (False, True):
+            args = [t.requires_grad_(grad) for t in (x, w, b)]
+            ctx = dict(kh=k, kw=k, HW=hw * hw, C=C, grad=grad)
+            want = (table.get(shape_class(ctx)) or ["cpu"])[0]
+            assert vitattn.explain("depthwise_conv2d_nhwc", *args, k // 2).chosen == want, (hw, C, k, grad)
+    with torch.no_grad():  # no backward recorded: the inference ranking
+        x, w, b = make(1, 56, 56, 64, 3, 3, torch.float32, 0)
+        want = (table.get(shape_class(dict(kh=3, kw=3, HW=56 * 56, C=64, grad=False))) or ["cpu"])[0]
+        assert vitattn.explain("depthwise_conv2d_nhwc", x.requires_grad_(), w, b, 1).chosen == want
 
 
 def test_inference_mode():

@@ -26,9 +26,13 @@ NAMES = ("auto", "cpu", "torch")
 
 
 def shape_class(ctx: Dict[str, Any]) -> str:
-    """The key of measured.json: kernel taps band and channel band."""
-    taps = ctx["kh"] * ctx["kw"]
-    return f"{'taps<=9' if taps <= 9 else 'taps>9'},{'C<=256' if ctx['C'] <= 256 else 'C>256'}"
+    """The key of measured.json: kernel taps band, image size band (pixels per image: the
+    small maps of late stages fit in cache), channel band and whether the call records a
+    backward (the backends' forward and backward speeds rank differently)."""
+    taps = "taps<=9" if ctx["kh"] * ctx["kw"] <= 9 else "taps>9"
+    pixels = "HW>=784" if ctx["HW"] >= 784 else "HW<784"
+    channels = "C<=128" if ctx["C"] <= 128 else "C>128"
+    return f"{taps},{pixels},{channels},{'train' if ctx['grad'] else 'infer'}"
 
 
 # ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/depthwise_conv*)

@@ -126,8 +126,10 @@ def _validate(x, weight, bias, padding) -> Tuple[int, int]:
     return ph, pw
 
 
-def _context(x: Tensor, weight: Tensor) -> dict:
-    return dict(device=x.device, dtype=x.dtype, C=x.shape[3], kh=weight.shape[2], kw=weight.shape[3])
+def _context(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> dict:
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return dict(device=x.device, dtype=x.dtype, C=x.shape[3], kh=weight.shape[2], kw=weight.shape[3],
+                HW=x.shape[1] * x.shape[2], grad=grad)
 
 
 def depthwise_conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding=0, *,
@@ -145,7 +147,7 @@ def depthwise_conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = No
     ph, pw = _validate(x, weight, bias, padding)
     if _onnx_exporting():  # the ONNX exporter cannot lower the custom op: a standard Conv instead
         return onnx_impl.depthwise_conv2d_nhwc(x, weight, bias, ph, pw)
-    name = dispatcher.choose(backend, _context(x, weight), OP)
+    name = dispatcher.choose(backend, _context(x, weight, bias), OP)
     return depthwise_conv2d_nhwc_fwd_call(x, weight, bias, ph, pw, name)
 
 
@@ -153,4 +155,4 @@ def explain(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding=0,
     """Which backends can run ``depthwise_conv2d_nhwc(x, weight, bias, padding)`` here, and why (not)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, padding)
-    return dispatcher.explain(_context(x, weight), OP)
+    return dispatcher.explain(_context(x, weight, bias), OP)
