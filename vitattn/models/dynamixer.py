@@ -25,7 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nn.dynamixer import DynaMixerBlock, Mlp
+from ..nn.dynamixer import DynaMixerBlock
+from ..nn.mlp import Mlp
 from ..nn._linear import Linear
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices

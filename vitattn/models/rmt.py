@@ -45,6 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import depthwise_conv2d_nhwc, masa
 from ..nn._linear import Linear, linear
+from ..nn.mlp import gelu_fresh
 from ..ops._library import plain_eager
 from ._common import DropPath, build, check_attn_backend, load_features_checkpoint
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
@@ -245,7 +246,7 @@ class FeedForwardNetwork(nn.Module):
         self.dwconv = DWConv2d(ffn_dim, 3, 1, 1) if subconv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.activation_dropout_module(F.gelu(self.fc1(x)))
+        x = self.activation_dropout_module(gelu_fresh(self.fc1(x)))
         if self.dwconv is not None:
             x = self.dwconv(x, residual=True)
         return self.dropout_module(self.fc2(x))

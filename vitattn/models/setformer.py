@@ -53,6 +53,7 @@ from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 from ..nn._linear import Linear
+from ..nn.mlp import Mlp
 from ..nn.nystrom import NystromEmbedding
 
 EMBEDDINGS = ("nystrom", "normalized")
@@ -151,18 +152,6 @@ class SeTAttention(nn.Module):
                 f"iters={self.iters}, tau={self.tau}, attn_backend={self.attn_backend!r}")
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class SeTBlock(nn.Module):
     """Pre-norm block: x + SeT(LN(x)), then x + MLP(LN(x)), with stochastic depth and optional layer scale."""
 
@@ -176,7 +165,7 @@ class SeTBlock(nn.Module):
                                  attn_backend=attn_backend, embedding=embedding, sigma=sigma)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.layer_scale = layer_scale is not None
         if self.layer_scale:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))

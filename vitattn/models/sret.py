@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from .. import group_attention, random_permutation
 from ..nn._linear import Linear
+from ..nn.mlp import Mlp
 from ._common import DropPath, build, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
@@ -71,25 +72,13 @@ class LearnableCoefficient(nn.Module):
         return x * self.bias
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class NonLinearProjection(nn.Module):
     """SReT's NLL layer (official ``Non_proj``): x * c1 + c2 * MLP(LN(x)), no attention."""
 
     def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.coefficient1 = LearnableCoefficient()
         self.coefficient2 = LearnableCoefficient()
 
@@ -185,7 +174,7 @@ class SReTBlock(nn.Module):
                                    eval_permutation=eval_permutation, permutation_seed=permutation_seed)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.coefficient1 = LearnableCoefficient()
         self.coefficient2 = LearnableCoefficient()
         self.coefficient3 = LearnableCoefficient()

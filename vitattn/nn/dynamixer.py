@@ -15,22 +15,7 @@ from torch import Tensor, nn
 from .. import dynamixer
 from ._backend import check_backend
 from ._linear import Linear
-
-
-class Mlp(nn.Module):
-    """fc1 -> act -> drop -> fc2 -> drop (the official utils.Mlp, used by the block's reweight)."""
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+from .mlp import Mlp
 
 
 class DynaMixerOp(nn.Module):
