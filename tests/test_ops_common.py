@@ -468,3 +468,24 @@ def test_inference_mode_permutations_and_gamma_are_still_checked():
         with pytest.raises(ValueError, match="gamma"):
             vitattn.masa(torch.randn(1, 2, 3, 4, 8), torch.randn(1, 2, 3, 4, 8), torch.randn(1, 2, 3, 4, 8),
                          torch.tensor([0.5, 1.5]))
+
+
+def test_compiled_kernels_check_names_a_build_without_the_kernels(monkeypatch):
+    """The one check every op's compiled backend uses to detect an older vitattn._C: the reason
+    names the missing kernels and says how to rebuild; the lookup runs once."""
+    from types import SimpleNamespace
+
+    from vitattn import _dispatch as D
+    from vitattn import _extension
+
+    looked = []
+    fake = SimpleNamespace(present_fwd=1, present_bwd=2)
+    monkeypatch.setattr(_extension, "ops", lambda: looked.append(1) or fake)
+    present = D.compiled_kernels_check("demo kernels", ("present_fwd", "present_bwd"))
+    missing = D.compiled_kernels_check("demo kernels", ("present_fwd", "absent_bwd"))
+    ctx = {"device": torch.device("cpu")}
+    for _ in range(3):
+        assert present(ctx, True) is None
+        why = missing(ctx, False)
+        assert "built without the demo kernels (present_fwd)" in why and "pip install" in why
+    assert len(looked) == 2

@@ -22,9 +22,8 @@ from vitattn.ops.sinkhorn import reference as R
 
 from _util import noncontiguous
 
-pytestmark = pytest.mark.skipif(BK._cpu_check({"device": torch.device("cpu")}, False) is not None,
-                                reason="the Sinkhorn CPU kernels are not built: "
-                                + str(BK._cpu_check({"device": torch.device("cpu")}, False)))
+_CPU_WHY = BK.dispatcher.reason("cpu", {"device": torch.device("cpu")})
+pytestmark = pytest.mark.skipif(_CPU_WHY is not None, reason=f"the Sinkhorn CPU kernels are not built: {_CPU_WHY}")
 
 # (atol relative to the largest reference entry, rtol) per dtype: tests/test_sinkhorn.py's
 TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (3e-5, 3e-4), torch.float16: (2e-3, 1e-2),

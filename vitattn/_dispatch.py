@@ -295,6 +295,24 @@ def cpu_extension_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
     return _extension.why_unavailable() or None
 
 
+def compiled_kernels_check(what: str, names: Sequence[str]) -> Check:
+    """A check that the loaded vitattn._C has the entry points ``names`` (an older build may lack
+    an op's kernels; ``what`` names them in the reason). Looked up on the first call only, so a
+    later call traced by torch.compile reads no module attributes. Combine it after
+    cpu_extension_check / cuda_extension_check, which say when there is no extension at all."""
+    missing: List[Optional[str]] = [None]  # "" once found present
+
+    def check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
+        if missing[0] is None:
+            ops = _extension.ops()
+            missing[0] = "" if all(hasattr(ops, name) for name in names) else (
+                f"the loaded vitattn._C was built without the {what} ({names[0]}); rebuild it "
+                "(`pip install --no-build-isolation -e .`)")
+        return missing[0] or None
+
+    return check
+
+
 def cuda_extension_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
     """The CUDA kernels of vitattn._C: CUDA tensors and an extension built with them."""
     if ctx["device"].type != "cuda":

@@ -38,20 +38,12 @@ def shape_class(ctx: Dict[str, Any]) -> str:
 # ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/depthwise_conv*)
 
 CPU_DTYPES = ("torch.float32", "torch.float64")
-_CPU_OPS = ("depthwise_conv_cpu_fwd", "depthwise_conv_cpu_bwd")
-_cpu_missing: Optional[str] = None  # why the loaded vitattn._C lacks the kernels ("" once checked)
 
 
-def _cpu_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
-    global _cpu_missing
+def _cpu_dtype_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
     if str(ctx["dtype"]) not in CPU_DTYPES:
         return f"the C++ CPU kernels support float32 and float64, got {ctx['dtype']}"
-    if _cpu_missing is None:  # looked up once: an older build of vitattn._C does not have them
-        ops = _extension.ops()
-        _cpu_missing = "" if all(hasattr(ops, name) for name in _CPU_OPS) else (
-            "the loaded vitattn._C was built without the depthwise convolution CPU kernels; rebuild it "
-            "(`pip install --no-build-isolation -e .`)")
-    return _cpu_missing or None
+    return None
 
 
 def _load_cpu():
@@ -70,7 +62,8 @@ def _load_torch():
 
 
 BACKENDS = (
-    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_check), _load_cpu),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_dtype_check, D.compiled_kernels_check(
+        "depthwise convolution CPU kernels", ("depthwise_conv_cpu_fwd", "depthwise_conv_cpu_bwd"))), _load_cpu),
     D.Backend("torch", 100, D.any_device, _load_torch),
 )
 

@@ -68,20 +68,12 @@ def _load_triton():
 # ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/dynamixer*)
 
 CPU_DTYPES = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16")
-_CPU_OPS = ("dynamixer_cpu_fwd", "dynamixer_cpu_bwd")
-_cpu_missing: Optional[str] = None  # why the loaded vitattn._C lacks the kernels ("" once checked)
 
 
-def _cpu_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
-    global _cpu_missing
+def _cpu_dtype_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
     if str(ctx["dtype"]) not in CPU_DTYPES:
         return f"the C++ CPU kernels support float32, float64, float16 and bfloat16, got {ctx['dtype']}"
-    if _cpu_missing is None:  # looked up once: an older build of vitattn._C does not have them
-        ops = _extension.ops()
-        _cpu_missing = "" if all(hasattr(ops, name) for name in _CPU_OPS) else (
-            "the loaded vitattn._C was built without the DynaMixer CPU kernels; rebuild it "
-            "(`pip install --no-build-isolation -e .`)")
-    return _cpu_missing or None
+    return None
 
 
 def _load_cpu():
@@ -105,7 +97,8 @@ def _load_cpu():
 
 BACKENDS = (
     D.Backend("triton", 20, D.all_of(D.triton_check, _triton_limits), _load_triton),
-    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_check), _load_cpu),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_dtype_check, D.compiled_kernels_check(
+        "DynaMixer CPU kernels", ("dynamixer_cpu_fwd", "dynamixer_cpu_bwd"))), _load_cpu),
     D.Backend("torch", 100, D.any_device,
               lambda: SimpleNamespace(mix_fwd=torch_impl.mix_fwd, mix_bwd=torch_impl.mix_bwd)),
 )

@@ -55,20 +55,6 @@ def _load_triton():
 
 # ---------------------------------------------------------------- cpu (vitattn._C, csrc/cpu/group_attention*)
 
-_CPU_OPS = ("group_attention_cpu_fwd", "group_attention_cpu_bwd")
-_cpu_missing: Optional[str] = None  # why the loaded vitattn._C lacks the kernels ("" once checked)
-
-
-def _cpu_kernels_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
-    global _cpu_missing
-    if _cpu_missing is None:  # looked up once: an older build of vitattn._C does not have them
-        ops = _extension.ops()
-        _cpu_missing = "" if all(hasattr(ops, name) for name in _CPU_OPS) else (
-            "the loaded vitattn._C was built without the group attention CPU kernels; rebuild it "
-            "(`pip install --no-build-isolation -e .`)")
-    return _cpu_missing or None
-
-
 def _load_cpu():
     ops = _extension.ops()
     fwd, bwd = ops.group_attention_cpu_fwd, ops.group_attention_cpu_bwd
@@ -81,7 +67,8 @@ def _load_cpu():
 
 BACKENDS = (
     D.Backend("triton", 20, D.all_of(D.triton_check, _triton_resources), _load_triton),
-    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, _cpu_kernels_check), _load_cpu),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check, D.compiled_kernels_check(
+        "group attention CPU kernels", ("group_attention_cpu_fwd", "group_attention_cpu_bwd"))), _load_cpu),
     D.Backend("torch", 100, D.any_device, _load_torch),
 )
 

@@ -72,21 +72,8 @@ def _load_triton():
 # kernels fuse the decomposed form's two passes per (batch, head); the CUDA side runs them
 # one after the other.
 
-_compiled_missing: Dict[str, str] = {}  # device -> why the loaded build lacks the kernels ("" if not)
-
-
 def _compiled_kernels_check(device: str) -> D.Check:
-    names = (f"masa_{device}_fwd", f"masa_{device}_bwd")
-
-    def check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
-        if device not in _compiled_missing:  # looked up once: an older build lacks the whole-op entries
-            ops = _extension.ops()
-            _compiled_missing[device] = "" if all(hasattr(ops, n) for n in names) else (
-                f"the loaded vitattn._C predates the MaSA whole-op {device} kernels ({names[0]}); rebuild it "
-                "(`pip install --no-build-isolation -e .`)")
-        return _compiled_missing[device] or None
-
-    return check
+    return D.compiled_kernels_check(f"MaSA whole-op {device} kernels", (f"masa_{device}_fwd", f"masa_{device}_bwd"))
 
 
 def _load_compiled(device: str):

@@ -80,24 +80,10 @@ class _Cpu:
         return self.ops.sinkhorn_ot_cpu_bwd(dout, x, ref, v, filt, zeta, G, float(eps), bool(attention))
 
 
-_cpu_missing: Optional[str] = None
-
-
-def _cpu_check(ctx: Dict[str, Any], auto: bool) -> Optional[str]:
-    global _cpu_missing
-    why = D.cpu_extension_check(ctx, auto)
-    if why is not None:
-        return why
-    if _cpu_missing is None:  # looked up once (not while torch.compile traces a later call)
-        _cpu_missing = "" if hasattr(_extension.ops(), "sinkhorn_cpu_fwd") else (
-            "this build of vitattn._C predates the Sinkhorn CPU kernels; rebuild it "
-            "(`pip install --no-build-isolation -e .`)")
-    return _cpu_missing or None
-
-
 BACKENDS = (
     D.Backend("triton", 20, D.all_of(D.triton_check, _triton_limits), lambda: _load(_triton.kernels("sinkhorn"))),
-    D.Backend("cpu", 50, _cpu_check, _Cpu),
+    D.Backend("cpu", 50, D.all_of(D.cpu_extension_check,
+                                  D.compiled_kernels_check("Sinkhorn CPU kernels", ("sinkhorn_cpu_fwd",))), _Cpu),
     D.Backend("torch", 100, D.any_device, lambda: _load(torch_impl)),
 )
 
