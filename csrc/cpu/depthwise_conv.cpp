@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "depthwise_conv.h"
+#include "torch_args.h"
 
 namespace vitattn {
 namespace {
@@ -25,14 +26,6 @@ using cpu::NhwcTensor;
 
 constexpr const char* kFwd = "depthwise_conv_cpu_fwd";
 constexpr const char* kBwd = "depthwise_conv_cpu_bwd";
-
-void check_tensor(const char* fn, const char* name, const Tensor& t, int64_t ndim, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.defined(), fn, ": ", name, " is undefined");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == ndim, fn, ": ", name, " must have ", ndim, " dims, got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, " (that of x), got ",
-                   t.scalar_type());
-}
 
 // channels must be contiguous for the kernels' vector loads; the other strides are free
 Tensor unit_channel_stride(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous(); }

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "dynamixer_kernels.h"
+#include "torch_args.h"
 
 namespace vitattn {
 namespace {
@@ -30,17 +31,6 @@ using cpu::DynaMixerArgs;
 
 constexpr const char* kFwd = "dynamixer_cpu_fwd";
 constexpr const char* kBwd = "dynamixer_cpu_bwd";
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Errors name the argument; a wrong dtype is a TypeError in Python, anything else a ValueError.
-void check_tensor(const char* fn, const char* name, const Tensor& t, int64_t ndim, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.defined(), fn, ": ", name, " is undefined");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == ndim, fn, ": ", name, " must have ", ndim, " dims, got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, " (that of x), got ",
-                   t.scalar_type());
-}
 
 void check_shape(const char* fn, const char* name, const Tensor& t, at::IntArrayRef want, const char* what) {
   TORCH_CHECK_VALUE(t.sizes() == want, fn, ": ", name, " must have shape ", want, " (", what, "), got ",

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "group_attention.h"
+#include "torch_args.h"
 
 namespace vitattn {
 namespace {
@@ -18,8 +19,6 @@ namespace {
 using at::Tensor;
 using cpu::GroupAttentionArgs;
 using cpu::GroupTensor;
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 GroupTensor view_of(const Tensor& t) {
   GroupTensor g;

@@ -11,6 +11,7 @@
 
 #include "isa.h"
 #include "masa_kernels.h"
+#include "torch_args.h"
 
 VITATTN_CPU_DECLARE(vitattn::cpu::MasaPlan, masa_fwd_plan, (const vitattn::cpu::MasaArgs&))
 VITATTN_CPU_DECLARE(void, masa_fwd_run, (const vitattn::cpu::MasaArgs&, int64_t, int64_t, int64_t))
@@ -23,8 +24,6 @@ namespace {
 using at::Tensor;
 using cpu::MasaArgs;
 using cpu::MasaMode;
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 cpu::MasaTensor arg(const Tensor& t) {
   cpu::MasaTensor m;
@@ -124,7 +123,7 @@ void run(MasaArgs& a, bool backward) {
 }
 
 Tensor empty_lse(const Tensor& q) {
-  return at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc_type(q.scalar_type())));
+  return at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc_dtype(q.scalar_type())));
 }
 
 Tensor out_like_v(const Tensor& q, const Tensor& v) {
@@ -158,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masa_cpu_fwd_op(const Tensor& q, cons
                                                            const Tensor& log_gamma, double scale, bool decomposed) {
   const char* fn = "masa_cpu_fwd";
   check_inputs(fn, q, k, v, log_gamma);
-  const Tensor lg = log_gamma.to(acc_type(q.scalar_type())).contiguous();
+  const Tensor lg = log_gamma.to(acc_dtype(q.scalar_type())).contiguous();
   MasaArgs a = base_args(q, k, v, lg, scale, decomposed ? MasaMode::decomposed : MasaMode::full);
   Tensor out = out_like_v(q, v);
   Tensor lse = empty_lse(q);
@@ -187,7 +186,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masa_cpu_bwd_op(const Tensor& dout, c
   // the lse of the pass that produced out: the grid's (full) or the H pass's (decomposed)
   const Tensor& lse = decomposed ? lse_h : lse_w;
   check_inputs(fn, q, k, v, log_gamma);
-  const auto acc = acc_type(q.scalar_type());
+  const auto acc = acc_dtype(q.scalar_type());
   const auto lse_shape = q.sizes().slice(0, 4);
   check_like(fn, "dout", dout, v.sizes(), q.scalar_type());
   check_like(fn, "out", out, v.sizes(), q.scalar_type());

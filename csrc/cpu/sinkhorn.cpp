@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "sinkhorn.h"
+#include "torch_args.h"
 
 namespace vitattn {
 namespace {
@@ -22,8 +23,6 @@ using at::Tensor;
 using cpu::OtArgs;
 using cpu::SinkhornArgs;
 using cpu::SinkhornIo;
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_floating(const char* fn, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t.device());
@@ -98,7 +97,7 @@ std::tuple<Tensor, Tensor> sinkhorn_cpu_fwd(const Tensor& S_in, const Tensor& la
   check_scores(fn, "S", S_in);
   check_marginals(fn, S_in, la_in, lb_in);
   check_eps_iters(fn, eps, iters);
-  const auto acc = acc_type(S_in.scalar_type());
+  const auto acc = acc_dtype(S_in.scalar_type());
   const int64_t Z = S_in.size(0), m = S_in.size(2);
   Tensor S = S_in.contiguous();
   Tensor P = at::empty(S.sizes(), S.options());
@@ -129,7 +128,7 @@ std::tuple<Tensor, Tensor, Tensor> sinkhorn_cpu_bwd(const Tensor& dP_in, const T
   TORCH_CHECK(G_in.dim() == 3 && G_in.size(0) == Z && G_in.size(1) >= 1 && G_in.size(2) == m, fn,
               ": G must have shape (", Z, ", iters, ", m, "), got ", G_in.sizes());
   check_eps_iters(fn, eps, G_in.size(1));
-  const auto acc = acc_type(S_in.scalar_type());
+  const auto acc = acc_dtype(S_in.scalar_type());
   Tensor S = S_in.contiguous();
   Tensor dP = dP_in.to(S.scalar_type()).contiguous();
   Tensor dS = at::empty(S.sizes(), S.options());
@@ -188,7 +187,7 @@ OtInputs ot_inputs(const char* fn, const Tensor& x, const Tensor& ref, const Ten
   TORCH_CHECK(in.n >= 1 && in.m >= 1, fn, ": need at least one token and one reference, got n=", in.n,
               ", m=", in.m);
   in.dtype = x.scalar_type();
-  in.acc = acc_type(in.dtype);
+  in.acc = acc_dtype(in.dtype);
   in.x = last_dim_contiguous(x, in.acc);
   in.ref = last_dim_contiguous(ref, in.acc);
   in.v = last_dim_contiguous(v, in.acc);
