@@ -24,8 +24,8 @@ def gelu_fresh(h: Tensor) -> Tensor:
 
 
 def activation(act: nn.Module, h: Tensor) -> Tensor:
-    """act(h) for h a fresh intermediate: an exact nn.GELU module runs gelu_fresh (forward
-    hooks on that module are not called), any other module is called as it is."""
+    """act(h) for h a fresh intermediate: an exact nn.GELU module without hooks runs
+    gelu_fresh; any other module (or a hooked GELU) is called as a module."""
     if type(act) is nn.GELU and act.approximate == "none" and not act._forward_hooks and \
             not act._forward_pre_hooks:
         return gelu_fresh(h)
