@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, cpu_peak_gflops_per_core, peak_memory_mb, sync  # noqa: E402
+from common import bench_device, cli, commit, cpu_peak_gflops_per_core, peak_memory_mb, time_alternating  # noqa: E402
 
 import vitattn  # noqa: E402
 from vitattn import group_attention  # noqa: E402
@@ -100,21 +99,10 @@ def sdpa_permuted(q, k, v, groups: int, perm, inv, scale: float):
 
 
 def alternate(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1):
-    """Median wall and process-CPU milliseconds of each fn, calls alternating round by round."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    sync(device)
-    wall: List[List[float]] = [[] for _ in fns]
-    cpu: List[List[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            sync(device)
-            wall[i].append((time.perf_counter() - t0) * 1e3)
-            cpu[i].append((time.process_time() - c0) * 1e3)
-    return [statistics.median(w) for w in wall], [statistics.median(c) for c in cpu]
+    """Median wall and process-CPU milliseconds of each fn (common.time_alternating: one call of
+    each per round, the order shuffled every round)."""
+    wall, cpu = time_alternating(dict(enumerate(fns)), warmup, rounds, device=device, cpu_clock=time.process_time)
+    return [wall[i] for i in range(len(fns))], [cpu[i] for i in range(len(fns))]
 
 
 def _methods(q, k, v, G, perm, perm_cpu, inv, scale, device):

@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -53,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, cpu_peak_gflops_per_core, mark_unavailable, peak_memory_mb, sync  # noqa: E402
+from common import bench_device, cli, commit, cpu_peak_gflops_per_core, mark_unavailable, peak_memory_mb, time_alternating  # noqa: E402
 
 import vitattn  # noqa: E402
 from vitattn.ops.masa import backends as masa_backends  # noqa: E402
@@ -183,30 +182,11 @@ def model_flops(form: str, B: int, heads: int, H: int, W: int, d: int, dv: int) 
 
 
 def alternate(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1):
-    """Median wall and process-CPU milliseconds of each fn, calls alternating round by round
-    (None for an fn that raised in its warm-up call)."""
-    ok = []
-    for fn in fns:
-        try:
-            for _ in range(warmup):
-                fn()
-            ok.append(True)
-        except Exception:
-            ok.append(False)
-    sync(device)
-    wall: List[List[float]] = [[] for _ in fns]
-    cpu: List[List[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            if not ok[i]:
-                continue
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            sync(device)
-            wall[i].append((time.perf_counter() - t0) * 1e3)
-            cpu[i].append((time.process_time() - c0) * 1e3)
-    med = lambda xs: statistics.median(xs) if xs else None
-    return [med(w) for w in wall], [med(c) for c in cpu]
+    """Median wall and process-CPU milliseconds of each fn (common.time_alternating: one call of
+    each per round, the order shuffled every round, None for an fn that raised in its warm-up)."""
+    wall, cpu = time_alternating(dict(enumerate(fns)), warmup, rounds, device=device, cpu_clock=time.process_time,
+                                 skip_failing=True)
+    return [wall[i] for i in range(len(fns))], [cpu[i] for i in range(len(fns))]
 
 
 def _methods(q, k, v, gamma, decomposed, device):

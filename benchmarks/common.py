@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -416,26 +417,52 @@ def cli(name: str, run: Callable[..., List[Dict]], columns: List[str], descripti
 # ---------------------------------------------------------------- shared by the op benchmarks
 
 
-def time_alternating(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_time: float
-                     ) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Median wall time and median CPU time of the calling thread (ms) of each call, the calls
-    alternating within every repeat (so that load drifting on a shared machine hits all alike).
-    With one intra-op thread the CPU time leaves out the time the thread waited for a core."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    wall: Dict[str, List[float]] = {k: [] for k in calls}
-    cpu: Dict[str, List[float]] = {k: [] for k in calls}
+def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1, repeats: int = 9,
+                     min_time: float = 0.0, *, device: Optional[torch.device] = None,
+                     cpu_clock: Callable[[], float] = time.thread_time, skip_failing: bool = False
+                     ) -> Tuple[Dict[object, Optional[float]], Dict[object, Optional[float]]]:
+    """Median wall time and median CPU time (ms) of each call, every call made once per round.
+
+    The order inside a round is shuffled (a fixed seed, so a rerun makes the same calls): a
+    call is slower right after one that evicts its inputs from the caches or returns memory
+    to the OS (measured: the vitattn call that always followed the SDPA peer ran 10-15% slower
+    than the same call one place later). Shuffling gives every call every predecessor, and
+    interleaving makes load drifting on a shared machine hit all calls alike.
+    cpu_clock: time.thread_time (the calling thread; with one intra-op thread it leaves out
+    the time the thread waited for a core) or time.process_time (all threads). device: CUDA
+    calls are synchronised before each clock is read. skip_failing: a call that raises in its
+    warm-up is left out and gets None instead of stopping the run."""
+    def finish() -> None:
+        if device is not None:
+            sync(device)
+
+    live = []
+    for key, fn in calls.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live.append(key)
+        except Exception:
+            if not skip_failing:
+                raise
+    finish()
+    order = random.Random(0)
+    wall: Dict[object, List[float]] = {k: [] for k in live}
+    cpu: Dict[object, List[float]] = {k: [] for k in live}
     start = time.perf_counter()
-    while min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time:
-        for k, fn in calls.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
-            fn()
-            cpu[k].append((time.thread_time() - c0) * 1e3)
+    while live and (min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time):
+        keys = list(live)
+        order.shuffle(keys)
+        for k in keys:
+            t0, c0 = time.perf_counter(), cpu_clock()
+            calls[k]()
+            finish()
+            cpu[k].append((cpu_clock() - c0) * 1e3)
             wall[k].append((time.perf_counter() - t0) * 1e3)
-        if len(next(iter(wall.values()))) >= 200:
+        if len(wall[live[0]]) >= 200:
             break
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+    med = lambda xs: statistics.median(xs) if xs else None
+    return ({k: med(wall.get(k, [])) for k in calls}, {k: med(cpu.get(k, [])) for k in calls})
 
 
 def geomean(xs: Sequence[float]) -> float:

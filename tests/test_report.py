@@ -365,3 +365,39 @@ def test_cpu_peak_memory_keeps_profiler_noise_away(capfd):
     assert "fn's own line" in cap.out
     for noise in ("USDT", "Memory block of unknown size", "profiler_start"):
         assert noise not in cap.out and noise not in cap.err
+
+
+def test_time_alternating_shuffles_the_order_every_round():
+    # every call once per round, and no call always behind the same one (a call's time
+    # depends on what ran before it: caches, memory handed back to the OS)
+    seen = []
+    calls = {name: (lambda name=name: seen.append(name)) for name in "abcd"}
+    wall, cpu = common.time_alternating(calls, warmup=0, repeats=12)
+    rounds = [seen[i:i + 4] for i in range(0, len(seen), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1
+    before_b = {r[r.index("b") - 1] for r in rounds if r[0] != "b"}
+    assert len(before_b) > 1
+    assert set(wall) == set(cpu) == set("abcd") and all(t >= 0 for t in wall.values())
+    # the same order on a rerun (a fixed seed)
+    again = []
+    common.time_alternating({n: (lambda n=n: again.append(n)) for n in "abcd"}, warmup=0, repeats=12)
+    assert again == seen
+
+
+def test_time_alternating_medians_and_failing_calls():
+    import time as _time
+
+    def slow():
+        _time.sleep(0.004)
+
+    def broken():
+        raise RuntimeError("cannot run here")
+
+    wall, cpu = common.time_alternating({"slow": slow, "broken": broken, "fast": lambda: None}, warmup=1,
+                                        repeats=5, skip_failing=True)
+    assert wall["broken"] is None and cpu["broken"] is None
+    assert wall["slow"] >= 4.0 > wall["fast"]
+    assert cpu["slow"] < 4.0  # sleeping is not CPU time
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        common.time_alternating({"broken": broken}, warmup=1, repeats=1)
