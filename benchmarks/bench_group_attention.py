@@ -17,7 +17,7 @@ Methods, all on the same (B, heads, N, d) q, k, v (fp32):
   and scatter through perm inside; "torch"; on GPU "triton").
 
 Timing: per shape and thread count the methods' calls alternate in one process (a round
-calls each method once); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
+calls each method once, in an order shuffled every round: common.time_alternating); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
 no_grad; forward+backward = autograd.grad of all of q, k, v), fwd_cpu_ms / fwd_bwd_cpu_ms the
 medians of the process CPU time of the same calls (with one thread: the time not lost to
 other processes; with two: the CPU work of both). GFLOP/s count the model FLOPs, 2 N n (d + dv)

@@ -24,7 +24,7 @@ Methods, all on the same (B, heads, H, W, d) q, k, v (fp32 on CPU) and per-head 
   each vitattn backend that runs on the device ("cpu": the C++ kernels; "torch").
 
 Timing: per shape and thread count the methods' calls alternate in one process (a round
-calls each method once); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
+calls each method once, in an order shuffled every round: common.time_alternating); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
 no_grad; forward+backward = autograd.grad of q, k, v), fwd_cpu_ms / fwd_bwd_cpu_ms the medians
 of the process CPU time of the same calls. GFLOP/s count the model FLOPs, 2 N_keys (d + dv) per
 query row and pass, three times that for forward+backward; peak_frac = GFLOP/s / (threads x
