@@ -60,7 +60,9 @@ class Downsample(nn.Module):
             self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # contiguous tokens: a permuted view would make every LayerNorm and Linear of the next
+        # stage copy its input (the residual stream keeps the layout of what enters it)
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
 
 class DynaMixerLayer(nn.Module):
@@ -195,7 +197,9 @@ class DynaMixer(IntermediatesMixin, nn.Module):
 
     def _forward_levels(self, x: Tensor, take: Sequence[int], last: int) -> Tuple[List[Tensor], Tensor]:
         self._check_input(x)
-        x = self.patch_embed(x).permute(0, 2, 3, 1)  # channels-last tokens (B, H, W, C)
+        # channels-last tokens (B, H, W, C), contiguous: as a permuted view of the convolution's
+        # output every LayerNorm and Linear of the stage would copy its input (see Downsample)
+        x = self.patch_embed(x).permute(0, 2, 3, 1).contiguous()
         stage_at = {int(d["module"].split(".")[1]): i for i, d in enumerate(self._levels)}
         maps = []
         for j, layer in enumerate(self.network):

@@ -222,7 +222,9 @@ class SReTStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        x = x.flatten(2).transpose(1, 2)
+        # tokens (B, N, C) contiguous: the residual stream keeps the layout of what enters it, and
+        # as a transposed view every LayerNorm of the stage would copy its input
+        x = x.flatten(2).transpose(1, 2).contiguous()
         for blk, recursive in zip(self.blocks, self._recursive):
             x = blk(x, recursive)
         return x.transpose(1, 2).reshape(B, C, H, W)
