@@ -198,6 +198,18 @@ def test_noncontiguous_and_channels_last_inputs():
     check_noncontiguous_and_channels_last_inputs(model, lambda: D.DynaMixer(**TOY), image(2, SMALL))
 
 
+def test_skip_lam_divides_the_branches():
+    # skip_lam = 1 skips the division (bitwise the same); any other value divides both branches
+    x = torch.randn(2, 8, 8, 16)
+    for lam in (1.0, 2.0):
+        layer = D.DynaMixerLayer(16, 8, 4, 2, 2.0, skip_lam=lam).eval()
+        _randomize(layer)
+        with torch.no_grad():
+            h = x + layer.attn(layer.norm1(x)) / lam
+            want = h + layer.mlp(layer.norm2(h)) / lam
+            assert torch.equal(layer(x), want)
+
+
 def test_layer_norms_get_contiguous_tokens():
     # the patch embedding's and each transition's output enter the stage as contiguous tokens
     check_layer_norms_get_contiguous_tokens(_randomize(D.DynaMixer(**TOY)).eval(), image(2, SMALL))

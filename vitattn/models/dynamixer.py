@@ -82,8 +82,12 @@ class DynaMixerLayer(nn.Module):
         self.skip_lam = skip_lam
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
-        return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
+        x = x + self._scaled(self.drop_path(self.attn(self.norm1(x))))
+        return x + self._scaled(self.drop_path(self.mlp(self.norm2(x))))
+
+    def _scaled(self, branch: Tensor) -> Tensor:
+        # dividing by skip_lam = 1 (every official config) is exact: skip that full pass
+        return branch if self.skip_lam == 1.0 else branch / self.skip_lam
 
 
 class DynaMixer(IntermediatesMixin, nn.Module):
