@@ -425,7 +425,7 @@ def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1,
 
     The order inside a round is shuffled (a fixed seed, so a rerun makes the same calls): a
     call is slower right after one that evicts its inputs from the caches or returns memory
-    to the OS (measured: the vitattn call that always followed the SDPA peer ran 10-15% slower
+    to the OS (measured: the vitattn call that always followed the SDPA peer ran 7-17% slower
     than the same call one place later). Shuffling gives every call every predecessor, and
     interleaving makes load drifting on a shared machine hit all calls alike.
     cpu_clock: time.thread_time (the calling thread; with one intra-op thread it leaves out
