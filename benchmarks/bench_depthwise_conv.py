@@ -13,7 +13,8 @@ Methods (role in the report):
   CPU oneDNN's channels-last depthwise kernel, its backward through autograd).
 
 Every method of one shape and thread count is timed in one process with the calls alternating
-(the order shuffled every round: common.time_alternating); times are medians of wall-clock calls. gflops counts 2 * taps multiply-adds per output element
+(the order shuffled every round: common.time_alternating); times are medians of wall-clock
+calls. gflops counts 2 * taps multiply-adds per output element
 (the backward twice the forward); the op is memory-bound at these sizes, so gbps (the bytes of
 x and y, forward) is the number to hold against the machine's memory bandwidth; frac_peak
 divides gflops by one core's measured fp32 peak times the threads (header:

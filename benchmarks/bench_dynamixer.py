@@ -15,7 +15,8 @@ Methods (role in the report):
   compile time, first forward+backward plus first inference call, is in compile_s).
 
 Every method of one shape, axis and thread count is timed in one process with the calls
-alternating (each method once per round, the order shuffled every round: common.time_alternating); times are medians of wall-clock
+alternating (each method once per round, the order shuffled every round:
+common.time_alternating); times are medians of wall-clock
 calls. gflops counts the useful work of the op (compress, generate and mix GEMMs; the
 backward twice the forward), not a backend's recomputation; frac_peak divides it by one
 core's fp32 peak times the threads (benchmarks/common.py cpu_peak_gflops_per_core: measured

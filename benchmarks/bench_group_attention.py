@@ -17,7 +17,8 @@ Methods, all on the same (B, heads, N, d) q, k, v (fp32):
   and scatter through perm inside; "torch"; on GPU "triton").
 
 Timing: per shape and thread count the methods' calls alternate in one process (a round
-calls each method once, in an order shuffled every round: common.time_alternating); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
+calls each method once, in an order shuffled every round: common.time_alternating);
+fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
 no_grad; forward+backward = autograd.grad of all of q, k, v), fwd_cpu_ms / fwd_bwd_cpu_ms the
 medians of the process CPU time of the same calls (with one thread: the time not lost to
 other processes; with two: the CPU work of both). GFLOP/s count the model FLOPs, 2 N n (d + dv)
@@ -40,14 +41,14 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, cpu_peak_gflops_per_core, peak_memory_mb, time_alternating  # noqa: E402
+from common import (bench_device, cli, commit, cpu_peak_gflops_per_core, peak_memory_mb,  # noqa: E402
+                    time_alternating_seq)
 
 import vitattn  # noqa: E402
 from vitattn import group_attention  # noqa: E402
@@ -96,13 +97,6 @@ def sdpa_permuted(q, k, v, groups: int, perm, inv, scale: float):
     qg, kg, vg = (t.reshape(B, H * groups, n, -1) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale).reshape(B, H, N, -1)
     return out.index_select(2, inv) if perm is not None else out
-
-
-def alternate(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1):
-    """Median wall and process-CPU milliseconds of each fn (common.time_alternating: one call of
-    each per round, the order shuffled every round)."""
-    wall, cpu = time_alternating(dict(enumerate(fns)), warmup, rounds, device=device, cpu_clock=time.process_time)
-    return [wall[i] for i in range(len(fns))], [cpu[i] for i in range(len(fns))]
 
 
 def _methods(q, k, v, G, perm, perm_cpu, inv, scale, device):
@@ -162,8 +156,8 @@ def run(quick: bool, device, progress: Optional[Callable[[str], None]] = None,
                     def fwd_bwd_of(fn):
                         return lambda: torch.autograd.grad(fn(), (q, k, v), dy)
 
-                    fwd_ms, fwd_cpu = alternate([fwd_of(m[3]) for m in methods], device, rounds)
-                    fb_ms, fb_cpu = alternate([fwd_bwd_of(m[3]) for m in methods], device, rounds)
+                    fwd_ms, fwd_cpu = time_alternating_seq([fwd_of(m[3]) for m in methods], device, rounds)
+                    fb_ms, fb_cpu = time_alternating_seq([fwd_bwd_of(m[3]) for m in methods], device, rounds)
                     block = []
                     for i, (method, role, backend, fn) in enumerate(methods):
                         row = dict(op="group_attention", shape=name, N=N, G=G, n=n, perm=permuted, heads=H, d=d,

@@ -24,7 +24,8 @@ Methods, all on the same (B, heads, H, W, d) q, k, v (fp32 on CPU) and per-head 
   each vitattn backend that runs on the device ("cpu": the C++ kernels; "torch").
 
 Timing: per shape and thread count the methods' calls alternate in one process (a round
-calls each method once, in an order shuffled every round: common.time_alternating); fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
+calls each method once, in an order shuffled every round: common.time_alternating);
+fwd_ms / fwd_bwd_ms are the medians of the wall times (forward under
 no_grad; forward+backward = autograd.grad of q, k, v), fwd_cpu_ms / fwd_bwd_cpu_ms the medians
 of the process CPU time of the same calls. GFLOP/s count the model FLOPs, 2 N_keys (d + dv) per
 query row and pass, three times that for forward+backward; peak_frac = GFLOP/s / (threads x
@@ -45,14 +46,14 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, commit, cpu_peak_gflops_per_core, mark_unavailable, peak_memory_mb, time_alternating  # noqa: E402
+from common import (bench_device, cli, commit, cpu_peak_gflops_per_core, mark_unavailable,  # noqa: E402
+                    peak_memory_mb, time_alternating_seq)
 
 import vitattn  # noqa: E402
 from vitattn.ops.masa import backends as masa_backends  # noqa: E402
@@ -181,14 +182,6 @@ def model_flops(form: str, B: int, heads: int, H: int, W: int, d: int, dv: int) 
     return 2.0 * B * heads * (H * W) * (W + H) * (d + dv)
 
 
-def alternate(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1):
-    """Median wall and process-CPU milliseconds of each fn (common.time_alternating: one call of
-    each per round, the order shuffled every round, None for an fn that raised in its warm-up)."""
-    wall, cpu = time_alternating(dict(enumerate(fns)), warmup, rounds, device=device, cpu_clock=time.process_time,
-                                 skip_failing=True)
-    return [wall[i] for i in range(len(fns))], [cpu[i] for i in range(len(fns))]
-
-
 def _methods(q, k, v, gamma, decomposed, device):
     """[(method, role, backend, fn(q, k, v), has_backward)] for one shape."""
     log_g = torch.log(gamma)
@@ -249,9 +242,11 @@ def run(quick: bool, device, progress: Optional[Callable[[str], None]] = None, d
                 def fwd_bwd_of(fn):
                     return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dy)
 
-                fwd_ms, fwd_cpu = alternate([fwd_of(m[3]) for m in methods], device, rounds)
+                fwd_ms, fwd_cpu = time_alternating_seq([fwd_of(m[3]) for m in methods], device, rounds,
+                                                       skip_failing=True)
                 with_bwd = [m for m in methods if m[4]]
-                fb_ms, fb_cpu = alternate([fwd_bwd_of(m[3]) for m in with_bwd], device, rounds)
+                fb_ms, fb_cpu = time_alternating_seq([fwd_bwd_of(m[3]) for m in with_bwd], device, rounds,
+                                                     skip_failing=True)
                 fb = {m[0]: (t, c) for m, t, c in zip(with_bwd, fb_ms, fb_cpu)}
                 block = []
                 for i, (method, role, backend, fn, has_bwd) in enumerate(methods):

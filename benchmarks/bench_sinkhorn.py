@@ -16,7 +16,8 @@ Methods (role in the report):
   per call times the problems, when POT is installed.
 
 Every method of one shape and thread count is timed in one process with the calls alternating
-(the order shuffled every round: common.time_alternating); times are medians of wall-clock calls. gflops counts the op's useful work: the score GEMM
+(the order shuffled every round: common.time_alternating); times are medians of wall-clock
+calls. gflops counts the op's useful work: the score GEMM
 (2 n m d), two (n, m) exponential passes per iteration counted as 2 n m flops each, and the two
 aggregation GEMMs (2 n m dv each); the backward twice the forward. frac_peak divides it by one
 core's fp32 peak times the threads (benchmarks/common.py cpu_peak_gflops_per_core: measured

@@ -465,6 +465,16 @@ def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1,
     return ({k: med(wall.get(k, [])) for k in calls}, {k: med(cpu.get(k, [])) for k in calls})
 
 
+def time_alternating_seq(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1,
+                         *, skip_failing: bool = False) -> Tuple[List[Optional[float]], List[Optional[float]]]:
+    """time_alternating over a list of calls, in process CPU time (all threads): the medians
+    of wall and CPU milliseconds as two lists in the order of fns (bench_masa,
+    bench_group_attention)."""
+    wall, cpu = time_alternating(dict(enumerate(fns)), warmup, rounds, device=device, cpu_clock=time.process_time,
+                                 skip_failing=skip_failing)
+    return [wall[i] for i in range(len(fns))], [cpu[i] for i in range(len(fns))]
+
+
 def geomean(xs: Sequence[float]) -> float:
     xs = list(xs)
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")

@@ -394,7 +394,7 @@ def test_dwconv_residual_is_not_folded_in_low_precision_or_other_strides():
     torch.testing.assert_close(strided(x), strided.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-def test_rmt_runs_its_depthwise_convolutions_through_the_op():
+def test_rmt_runs_its_depthwise_convolutions_through_the_op(monkeypatch):
     """The model's depthwise convolutions (positional encoding, LePE, FFN: three per block) are
     vitattn.depthwise_conv2d_nhwc calls, and the official state_dict names are kept."""
     model = rmt.rmt_t().eval()
@@ -407,11 +407,8 @@ def test_rmt_runs_its_depthwise_convolutions_through_the_op():
         calls.append(tuple(weight.shape))
         return real(x, weight, *args, **kwargs)
 
-    rmt.depthwise_conv2d_nhwc = spy
-    try:
-        with torch.no_grad():
-            model(torch.randn(1, 3, 64, 64))
-    finally:
-        rmt.depthwise_conv2d_nhwc = real
+    monkeypatch.setattr(rmt, "depthwise_conv2d_nhwc", spy)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
     blocks = sum(len(layer.blocks) for layer in model.layers)
     assert len(calls) == 3 * blocks and {k for _, _, k, _ in calls} == {3, 5}, calls[:6]
