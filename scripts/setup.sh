@@ -12,8 +12,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 need=()
 $PY -c "import triton" 2>/dev/null || need+=("triton==3.9.0")
+# wheel: pyproject's build requirement, which --no-build-isolation does not install (a fresh
+# machine's setuptools 65 has no bdist_wheel of its own and the editable install fails without it)
 # matplotlib: the main job's plots (pyproject's "bench" extra)
-for m in numpy pytest hypothesis ninja pybind11 matplotlib; do
+for m in wheel numpy pytest hypothesis ninja pybind11 matplotlib; do
   $PY -c "import $m" 2>/dev/null || need+=("$m")
 done
 # ONNX export (tests/test_onnx.py, benchmarks/bench_onnx.py, pyproject's "onnx" extra), pinned to
