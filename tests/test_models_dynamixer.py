@@ -14,8 +14,8 @@ import vitattn.models.dynamixer as D
 from _util import TRITON_DEVICE
 from _models_util import (assert_every_param_has_finite_nonzero_grad, assert_official_layout, assert_registered,
                           bf16_autocast_error, check_compiled_training_grads, check_fused_matches_reference_model,
-                          check_layer_norms_get_contiguous_tokens, check_loads_exactly,
-                          check_noncontiguous_and_channels_last_inputs, image,
+                          check_convolutions_get_channels_last_inputs, check_layer_norms_get_contiguous_tokens,
+                          check_loads_exactly, check_noncontiguous_and_channels_last_inputs, image,
                           jitter_parameters, one_thread)  # noqa: F401 (one_thread: autouse fixture)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "dynamixer_official_state_dict.json")
@@ -213,6 +213,11 @@ def test_skip_lam_divides_the_branches():
 def test_layer_norms_get_contiguous_tokens():
     # the patch embedding's and each transition's output enter the stage as contiguous tokens
     check_layer_norms_get_contiguous_tokens(_randomize(D.DynaMixer(**TOY)).eval(), image(2, SMALL))
+
+
+def test_convolutions_get_channels_last_inputs():
+    # the patch embedding's and each transition's convolution
+    check_convolutions_get_channels_last_inputs(_randomize(D.DynaMixer(**TOY)).eval(), image(2, SMALL))
 
 
 def test_cpu_autocast_bf16():

@@ -14,6 +14,7 @@ import vitattn.models.setformer as st
 from _util import TRITON_DEVICE
 from _models_util import (DEV, assert_every_param_has_finite_nonzero_grad, bf16_autocast_error,
                           check_channels_last_and_strided_inputs, check_checkpointing_same_grads,
+                          check_convolutions_get_channels_last_inputs,
                           check_compiled_block, check_drop_path_in_training_only,
                           check_eval_determinism_and_batch_independence, check_export, check_strict_round_trip,
                           images, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse fixture)
@@ -217,6 +218,12 @@ def test_drop_path_active_in_training_only():
 def test_channels_last_and_strided_inputs():
     torch.manual_seed(8)
     check_channels_last_and_strided_inputs(randomize(tiny()).to(DEV).eval())
+
+
+def test_convolutions_get_channels_last_inputs():
+    # the stem's two convolutions and the downsampling between stages
+    torch.manual_seed(8)
+    check_convolutions_get_channels_last_inputs(randomize(tiny()).to(DEV).eval(), images(2, 32, 64))
 
 
 def test_autocast_bf16_cpu():

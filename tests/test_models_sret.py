@@ -16,8 +16,8 @@ import vitattn.models.sret as S
 from _util import TRITON_DEVICE
 from _models_util import (assert_every_param_has_finite_nonzero_grad, assert_official_layout, assert_registered,
                           bf16_autocast_error, check_compiled_training_grads, check_fused_matches_reference_model,
-                          check_layer_norms_get_contiguous_tokens, check_loads_exactly,
-                          check_noncontiguous_and_channels_last_inputs, image,
+                          check_convolutions_get_channels_last_inputs, check_layer_norms_get_contiguous_tokens,
+                          check_loads_exactly, check_noncontiguous_and_channels_last_inputs, image,
                           jitter_parameters, one_thread, randomize_batchnorm)  # noqa: F401 (one_thread: autouse)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "sret_official_state_dict.json")
@@ -237,6 +237,11 @@ def test_noncontiguous_and_channels_last_inputs():
 def test_layer_norms_get_contiguous_tokens():
     # each stage's (B, C, H, W) input enters the residual stream as contiguous (B, N, C) tokens
     check_layer_norms_get_contiguous_tokens(_randomize(S.sret_t(img_size=SMALL)).eval(), image(2, SMALL))
+
+
+def test_convolutions_get_channels_last_inputs():
+    # the stem's three convolutions and the pooling between stages
+    check_convolutions_get_channels_last_inputs(_randomize(S.sret_t(img_size=SMALL)).eval(), image(2, SMALL))
 
 
 def test_cpu_autocast_bf16():

@@ -36,6 +36,17 @@ def pretrained_cfg(name: str, model: nn.Module) -> Dict[str, Any]:
                 num_classes=getattr(model, "num_classes", 0), classifier="head")
 
 
+def channels_last_images(x: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) in channels-last memory, for a convolutional stem (a no-op when they
+    already are).
+
+    oneDNN convolves NHWC data in place, while NCHW data is reordered into its blocked layout and
+    the result back at every convolution of the stem; the stem's output is then channels-last as
+    well, so the (B, H, W, C) tokens the stages read are a view of it, not a copy.
+    """
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _extract_state_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
     """The tensor mapping inside a loaded checkpoint (plain state_dict or one nested under a known key)."""
     if not isinstance(obj, Mapping):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..nn.dynamixer import DynaMixerBlock
 from ..nn.mlp import Mlp
 from ..nn._linear import Linear
-from ._common import DropPath, build, check_attn_backend
+from ._common import DropPath, build, channels_last_images, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 
@@ -44,7 +44,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, padding=padding, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
+        return self.proj(channels_last_images(x))
 
 
 class Downsample(nn.Module):

@@ -47,7 +47,7 @@ from .. import depthwise_conv2d_nhwc, masa
 from ..nn._linear import Linear, linear
 from ..nn.mlp import gelu_fresh
 from ..ops._library import plain_eager
-from ._common import DropPath, build, check_attn_backend, load_features_checkpoint
+from ._common import DropPath, build, channels_last_images, check_attn_backend, load_features_checkpoint
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 
@@ -352,7 +352,7 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        return self.proj(channels_last_images(x)).permute(0, 2, 3, 1)  # a view: (B, H, W, C) contiguous
 
 
 def _per_stage(name: str, value, n: int) -> List:

@@ -49,7 +49,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
 from .. import gaussian_filter_2d, ot_attention
-from ._common import DropPath, build, check_attn_backend
+from ._common import DropPath, build, channels_last_images, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 from ..nn._linear import Linear
@@ -195,7 +195,7 @@ class ConvStem(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(channels_last_images(x)).permute(0, 2, 3, 1))  # contiguous tokens: a view
 
 
 class ConvDownsample(nn.Module):

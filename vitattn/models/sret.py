@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .. import group_attention, random_permutation
 from ..nn._linear import Linear
 from ..nn.mlp import Mlp
-from ._common import DropPath, build, check_attn_backend
+from ._common import DropPath, build, channels_last_images, check_attn_backend
 from ._features import FeatureInfo, IntermediatesMixin, take_indices
 from ._registry import register_model
 
@@ -259,7 +259,7 @@ class ConvEmbedding(nn.Module):
         self.relu3 = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu1(self.bn1(self.conv1(channels_last_images(x))))
         x = self.relu2(self.bn2(self.conv2(x)))
         return self.relu3(self.bn3(self.conv3(x)))
 
