@@ -73,9 +73,9 @@ class LearnableCoefficient(nn.Module):
 
 
 def _weighted_sum(x: Tensor, cx: LearnableCoefficient, y: Tensor, cy: LearnableCoefficient) -> Tensor:
-    """cx(x) + cy(y) in two element-wise passes (y * cy, then a fused multiply-add) instead of
-    three, with one temporary instead of two."""
-    return torch.addcmul(y * cy.bias, x, cx.bias)
+    """cx(x) + cy(y) in two element-wise passes (y * cy, then x * cx added in place) and one
+    allocation, instead of three of each (autograd saves the product's inputs, not its result)."""
+    return torch.mul(y, cy.bias).addcmul_(x, cx.bias)
 
 
 class NonLinearProjection(nn.Module):
