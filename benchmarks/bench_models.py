@@ -1,8 +1,8 @@
 """Benchmark: vitattn's models against the official releases, on the same weights.
 
 For each configuration (model, image size, batch) and each intra-op thread count, in one
-process, with the calls of the implementations alternating (order flipped every round) and
-the median taken per implementation:
+process, with the calls of the implementations alternating (order shuffled every round:
+common.time_rounds) and the median taken per implementation:
 
 * ``fwd_ms``: inference, an eval-mode forward under ``torch.no_grad()``;
 * ``fwd_bwd_ms``: one training step: forward, cross-entropy, backward, AdamW step;
@@ -10,7 +10,10 @@ the median taken per implementation:
   allocated during one call (``common.peak_memory_mb``: on the CPU through the allocator's
   events, measured with one intra-op thread whatever the row's thread count);
 * on the vitattn row, ``vs_official_infer_speedup`` / ``vs_official_train_speedup``
-  (official time / vitattn time) and, where the "torch" row runs, ``vs_torch_*`` likewise;
+  (official time / vitattn time, the ratio of the medians), ``vs_official_infer_paired`` /
+  ``vs_official_train_paired`` (the median over rounds of the same ratio within a round,
+  common.paired_ratio: far less moved by a machine whose speed drifts between rounds) and,
+  where the "torch" row runs, ``vs_torch_*`` like the first;
 * ``logits_rel_diff`` on the other rows: max |their logits - vitattn's| / max |their logits|,
   eval mode, checked before anything is timed (the weights are the vitattn model's own
   initialisation with every parameter and BatchNorm statistic perturbed, so nothing is
@@ -88,14 +91,14 @@ import importlib
 import os
 import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_device, cli, environ, mark_unavailable, peak_memory_mb, time_fn  # noqa: E402
+from common import (bench_device, cli, environ, mark_unavailable, paired_ratio, peak_memory_mb,  # noqa: E402
+                    time_rounds)
 
 import vitattn  # noqa: E402
 import vitattn.models as models  # noqa: E402
@@ -123,8 +126,8 @@ GOALS = {("rmt_t", 224, 8): 1.3, ("rmt_s", 224, 8): 1.3, ("sret_t", 224, 8): 1.3
 
 # the markdown table (logits_rel_diff is listed below it, in scientific notation)
 COLUMNS = ["shape", "threads", "method", "backend", "fwd_ms", "fwd_bwd_ms", "infer_peak_mib", "train_peak_mib",
-           "vs_official_infer_speedup", "vs_official_train_speedup", "vs_torch_infer_speedup",
-           "vs_torch_train_speedup", "note"]
+           "vs_official_infer_speedup", "vs_official_infer_paired", "vs_official_train_speedup",
+           "vs_official_train_paired", "vs_torch_infer_speedup", "vs_torch_train_speedup", "note"]
 
 
 # ---------------------------------------------------------------- the official code
@@ -359,22 +362,6 @@ def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max().clamp_min(1e-30)).item()
 
 
-def alternating_ms(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                   max_seconds: float = MAX_SECONDS) -> Dict[str, float]:
-    """Median ms per call of each fn, called in alternating rounds (order flipped every round)
-    so that load drifting on a shared machine hits every implementation alike; ``repeats``
-    rounds, or MIN_REPEATS once ``max_seconds`` have passed."""
-    names = list(fns)
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    start = time.perf_counter()
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            times[n].append(time_fn(fns[n], device, warmup=0, repeats=1))
-        if r + 1 >= MIN_REPEATS and time.perf_counter() - start > max_seconds:
-            break
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
 # ---------------------------------------------------------------- one configuration
 
 def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequence[Optional[int]],
@@ -448,7 +435,7 @@ def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequ
         notes["vitattn:auto"].append("inference only")
 
     # time per thread count
-    timed: Dict[Tuple[Optional[int], str], Dict[str, float]] = {}
+    timed: Dict[Tuple[Optional[int], str], Dict[str, List[float]]] = {}  # ms of every round
     for t in threads:
         if t is not None:
             torch.set_num_threads(t)
@@ -463,7 +450,8 @@ def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequ
             if not (phase == "infer" and t == threads[0]):  # the logit check was the first inference call
                 for fn in fns.values():  # one warm-up call each
                     fn()
-            timed[(t, phase)] = alternating_ms(fns, device, repeats)
+            timed[(t, phase)] = time_rounds(fns, 0, repeats, device=device, max_time=MAX_SECONDS,
+                                            min_repeats=MIN_REPEATS)[0]
             gc.collect()
 
     # peak memory: once per implementation (common.peak_memory_mb measures with one thread)
@@ -486,10 +474,10 @@ def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequ
                                        batch=batch, shape=shape, dtype="float32", params_m=r.params_m)
             if t is not None:
                 row["threads"] = t
-            row["fwd_ms"] = timed[(t, "infer")][r.method]
+            row["fwd_ms"] = statistics.median(timed[(t, "infer")][r.method])
             row["infer_peak_mib"] = peaks[(r.method, "infer")]
             if training:
-                row["fwd_bwd_ms"] = timed[(t, "train")][r.method]
+                row["fwd_bwd_ms"] = statistics.median(timed[(t, "train")][r.method])
                 row["train_peak_mib"] = row["peak_mib"] = peaks[(r.method, "train")]
             if r.method in diffs:
                 row["logits_rel_diff"] = diffs[r.method]
@@ -509,6 +497,10 @@ def measure(name: str, res: int, batch: int, device: torch.device, threads: Sequ
             auto[f"{tag}_infer_speedup"] = o["fwd_ms"] / auto["fwd_ms"]
             if training:
                 auto[f"{tag}_train_speedup"] = o["fwd_bwd_ms"] / auto["fwd_bwd_ms"]
+            if other == "official":  # the same comparison round by round (common.paired_ratio)
+                for phase in ("infer",) + (("train",) if training else ()):
+                    got = timed[(t, phase)]
+                    auto[f"vs_official_{phase}_paired"] = paired_ratio(got["official"], got[auto["method"]])
         if official_why is not None:
             na = dict(method="official", role="naive", backend=None, model=name, res=res, batch=batch, shape=shape,
                       dtype="float32", note="")
@@ -603,8 +595,10 @@ def goals_report(rows: List[Dict]) -> str:
         if s is None:
             out.append(f"- {r['shape']}: no official comparison (goal >= {want}x)")
         else:
-            line = (f"- {r['shape']}: inference {s:.2f}x the official code (goal >= {want}x): "
-                    f"{'met' if s >= want else 'NOT met'}")
+            paired = r.get("vs_official_infer_paired")
+            line = (f"- {r['shape']}: inference {s:.2f}x the official code"
+                    + (f" (per-round ratios: median {paired:.2f}x)" if paired is not None else "")
+                    + f" (goal >= {want}x): {'met' if s >= want else 'NOT met'}")
             alone = next((o.get("vs_official_infer_speedup") for o in rows if o.get("method") == ATEN_LINEAR
                           and o["shape"] == r["shape"] and o.get("threads") == r.get("threads")), None)
             if alone is not None:
@@ -636,7 +630,8 @@ def _appendix(rows: List[Dict], device: torch.device) -> str:
              else f"- official code: not staged (no --official-dir, no ${OFFICIAL_DIR_ENV}): the baseline is "
                   "vitattn's torch backend",
              "- fwd_ms: inference (eval, no_grad); fwd_bwd_ms: one training step (forward, cross-entropy, backward, "
-             "AdamW step); medians of alternating calls in one process, fp32",
+             "AdamW step); medians of alternating calls in one process, fp32; *_paired: median over rounds of the "
+             "official / vitattn ratio within each round",
              "- peak memory: common.peak_memory_mb (CPU: allocator events, one intra-op thread, for every row)",
              f"- logits_rel_diff: max |logits - vitattn:auto logits| / max |logits|, eval, perturbed weights "
              f"(tolerance {LOGITS_RTOL:g})"]

@@ -9,8 +9,9 @@ For each model (default rmt_t, sret_t, dynamixer_s, setformer_mini and setformer
 * fwd_ms: median wall time of one forward, vitattn (eager, ``attn_backend="auto"``, under
   torch.no_grad(), torch.set_num_threads(t)) and onnxruntime (session with
   intra_op_num_threads=t, inter_op_num_threads=1, default graph optimisations, no thread
-  spinning between calls) called in alternating rounds (order flipped every round) in one
-  process, so that load drifting on a shared machine hits both alike;
+  spinning between calls) called in alternating rounds (order shuffled every round:
+  common.time_alternating) in one process, so that load drifting on a shared machine hits
+  both alike;
 * vs_vitattn_speedup (onnxruntime rows): vitattn's median over onnxruntime's (> 1: onnxruntime
   faster); vs_onnxruntime_speedup (vitattn rows): the inverse;
 * logits_rel_diff: max |onnxruntime - PyTorch| / max |PyTorch| on the benchmark input;
@@ -42,8 +43,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import alternating_ms, backend_label, perturbed_state, record_backends  # noqa: E402
-from common import cli, mark_unavailable  # noqa: E402
+from bench_models import MAX_SECONDS, MIN_REPEATS, backend_label, perturbed_state, record_backends  # noqa: E402
+from common import cli, mark_unavailable, time_alternating  # noqa: E402
 
 import vitattn.models as models  # noqa: E402
 
@@ -145,7 +146,7 @@ def measure(spec: str, batch: int, threads: Sequence[int], repeats: int, spinnin
         for fn in fns.values():  # warm-up: first-call allocations, ORT's memory planning
             fn()
             fn()
-        ms = alternating_ms(fns, torch.device("cpu"), repeats)
+        ms = time_alternating(fns, 0, repeats, max_time=MAX_SECONDS, min_repeats=MIN_REPEATS)[0]
         ours["fwd_ms"] = ms["vitattn:auto"]
         ours["img_s"] = batch / ms["vitattn:auto"] * 1e3
         if ort_why is None:
@@ -233,7 +234,7 @@ def _appendix(rows: List[Dict], device) -> str:
              "weights: bench_models.perturbed_state",
              "- vitattn: eager, attn_backend='auto', torch.no_grad(); threads = torch.set_num_threads and "
              "ORT intra_op_num_threads",
-             "- fwd_ms: median of alternating calls in one process (order flipped every round), after 2 warm-up "
+             "- fwd_ms: median of alternating calls in one process (order shuffled every round), after 2 warm-up "
              "calls each",
              f"- logits_rel_diff: max |onnxruntime - PyTorch| / max |PyTorch| (tolerance {LOGITS_RTOL:g})"]
     return "\n".join(lines) + "\n"

@@ -417,21 +417,25 @@ def cli(name: str, run: Callable[..., List[Dict]], columns: List[str], descripti
 # ---------------------------------------------------------------- shared by the op benchmarks
 
 
-def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1, repeats: int = 9,
-                     min_time: float = 0.0, *, device: Optional[torch.device] = None,
-                     cpu_clock: Callable[[], float] = time.thread_time, skip_failing: bool = False
-                     ) -> Tuple[Dict[object, Optional[float]], Dict[object, Optional[float]]]:
-    """Median wall time and median CPU time (ms) of each call, every call made once per round.
+def time_rounds(calls: Dict[object, Callable[[], object]], warmup: int = 1, repeats: int = 9,
+                min_time: float = 0.0, *, device: Optional[torch.device] = None,
+                cpu_clock: Callable[[], float] = time.thread_time, skip_failing: bool = False,
+                max_time: Optional[float] = None, min_repeats: int = 3
+                ) -> Tuple[Dict[object, List[float]], Dict[object, List[float]]]:
+    """Wall and CPU milliseconds of every call in every round (lists indexed by round), each
+    call made once per round.
 
     The order inside a round is shuffled (a fixed seed, so a rerun makes the same calls): a
     call is slower right after one that evicts its inputs from the caches or returns memory
     to the OS (measured: the vitattn call that always followed the SDPA peer ran 7-17% slower
     than the same call one place later). Shuffling gives every call every predecessor, and
     interleaving makes load drifting on a shared machine hit all calls alike.
+    Rounds: ``repeats``, more until ``min_time`` seconds have passed (at most 200), fewer
+    (but ``min_repeats``) once ``max_time`` seconds have passed.
     cpu_clock: time.thread_time (the calling thread; with one intra-op thread it leaves out
     the time the thread waited for a core) or time.process_time (all threads). device: CUDA
     calls are synchronised before each clock is read. skip_failing: a call that raises in its
-    warm-up is left out and gets None instead of stopping the run."""
+    warm-up is left out (empty lists) instead of stopping the run."""
     def finish() -> None:
         if device is not None:
             sync(device)
@@ -447,10 +451,10 @@ def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1,
                 raise
     finish()
     order = random.Random(0)
-    wall: Dict[object, List[float]] = {k: [] for k in live}
-    cpu: Dict[object, List[float]] = {k: [] for k in live}
+    wall: Dict[object, List[float]] = {k: [] for k in calls}
+    cpu: Dict[object, List[float]] = {k: [] for k in calls}
     start = time.perf_counter()
-    while live and (min(len(v) for v in wall.values()) < repeats or time.perf_counter() - start < min_time):
+    while live and (min(len(wall[k]) for k in live) < repeats or time.perf_counter() - start < min_time):
         keys = list(live)
         order.shuffle(keys)
         for k in keys:
@@ -459,10 +463,33 @@ def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1,
             finish()
             cpu[k].append((cpu_clock() - c0) * 1e3)
             wall[k].append((time.perf_counter() - t0) * 1e3)
-        if len(wall[live[0]]) >= 200:
+        rounds = len(wall[live[0]])
+        if rounds >= 200 or (max_time is not None and rounds >= min_repeats
+                             and time.perf_counter() - start > max_time):
             break
+    return wall, cpu
+
+
+def time_alternating(calls: Dict[object, Callable[[], object]], warmup: int = 1, repeats: int = 9,
+                     min_time: float = 0.0, *, device: Optional[torch.device] = None,
+                     cpu_clock: Callable[[], float] = time.thread_time, skip_failing: bool = False,
+                     max_time: Optional[float] = None, min_repeats: int = 3
+                     ) -> Tuple[Dict[object, Optional[float]], Dict[object, Optional[float]]]:
+    """Median wall time and median CPU time (ms) of each call over :func:`time_rounds`'s rounds
+    (None for a call left out by skip_failing)."""
+    wall, cpu = time_rounds(calls, warmup, repeats, min_time, device=device, cpu_clock=cpu_clock,
+                            skip_failing=skip_failing, max_time=max_time, min_repeats=min_repeats)
     med = lambda xs: statistics.median(xs) if xs else None
-    return ({k: med(wall.get(k, [])) for k in calls}, {k: med(cpu.get(k, [])) for k in calls})
+    return ({k: med(wall[k]) for k in calls}, {k: med(cpu[k]) for k in calls})
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of num[i] / den[i] (two calls' times from the same rounds of
+    :func:`time_rounds`): each ratio compares calls made seconds apart, so a machine whose
+    speed drifts between rounds moves it far less than the ratio of the two medians."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio: needs two equally long, non-empty lists, got {len(num)} and {len(den)}")
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def time_alternating_seq(fns: Sequence[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 1,

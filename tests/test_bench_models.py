@@ -68,6 +68,7 @@ def test_official_rows_with_staged_code(bench, tmp_path, monkeypatch):
     assert official["logits_rel_diff"] < bench.LOGITS_RTOL
     assert official["note"] == "" and "unavailable" not in official
     assert auto["vs_official_infer_speedup"] == pytest.approx(official["fwd_ms"] / auto["fwd_ms"])
+    assert auto["vs_official_infer_paired"] > 0  # the median of the per-round ratios
     assert "fwd_bwd_ms" not in auto and "vs_torch_infer_speedup" not in auto  # quick: inference only, no torch row
     # every op the model ran, with the backends "auto" chose: "depthwise_conv2d_nhwc:..., masa:..."
     used = dict(part.split(":") for part in auto["backend"].split(", "))
@@ -217,14 +218,15 @@ def test_configs(bench):
 
 def test_goals_report(bench):
     rows = [dict(role="auto", model="rmt_t", res=224, batch=8, threads=1, shape="rmt_t 224x224 b8",
-                 vs_official_infer_speedup=1.4),
+                 vs_official_infer_speedup=1.4, vs_official_infer_paired=1.35),
             dict(role="auto", model="rmt_t", res=512, batch=1, threads=1, shape="rmt_t 512x512 b1",
                  vs_official_infer_speedup=2.0),
             dict(role="auto", model="sret_t", res=224, batch=8, threads=1, shape="sret_t 224x224 b8"),
             dict(role="auto", model="rmt_t", res=224, batch=8, threads=2, shape="rmt_t 224x224 b8",
                  vs_official_infer_speedup=0.5)]
     text = bench.goals_report(rows)
-    assert "rmt_t 224x224 b8: inference 1.40x the official code (goal >= 1.3x): met" in text
+    assert ("rmt_t 224x224 b8: inference 1.40x the official code (per-round ratios: median 1.35x) "
+            "(goal >= 1.3x): met") in text
     assert "rmt_t 512x512 b1: inference 2.00x the official code (goal >= 2.5x): NOT met" in text
     assert "sret_t 224x224 b8: no official comparison" in text
     assert "0.50x" not in text  # the goals are stated for one thread

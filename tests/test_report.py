@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 
@@ -401,3 +402,34 @@ def test_time_alternating_medians_and_failing_calls():
     assert cpu["slow"] < 4.0  # sleeping is not CPU time
     with pytest.raises(RuntimeError, match="cannot run here"):
         common.time_alternating({"broken": broken}, warmup=1, repeats=1)
+
+
+def test_time_rounds_lists_and_max_time():
+    import time as _time
+
+    wall, cpu = common.time_rounds({"a": lambda: _time.sleep(0.002), "b": lambda: None}, warmup=0, repeats=7)
+    assert len(wall["a"]) == len(wall["b"]) == len(cpu["a"]) == 7
+    assert min(wall["a"]) >= 2.0 > max(wall["b"])
+    # max_time stops after the round that passes it, but not before min_repeats rounds
+    wall, _ = common.time_rounds({"a": lambda: _time.sleep(0.01)}, warmup=0, repeats=50, max_time=0.0,
+                                 min_repeats=3)
+    assert len(wall["a"]) == 3
+    # time_alternating: the medians of the same rounds
+    med, _ = common.time_alternating({"a": lambda: _time.sleep(0.002)}, warmup=0, repeats=5, max_time=0.0,
+                                     min_repeats=2)
+    assert med["a"] >= 2.0
+
+
+def test_paired_ratio_follows_a_drifting_machine():
+    # the machine slows down 3x halfway through: within each round b takes twice as long as a,
+    # so every per-round ratio is 2; the ratio of the medians is not
+    a = [1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]
+    b = [2.0, 2.0, 2.0, 6.0, 6.0, 6.0, 6.0]
+    b_shifted = [2.0, 2.0, 2.0, 2.0, 6.0, 6.0, 6.0]  # in round 4 the slowdown came between a's call and b's
+    assert common.paired_ratio(b, a) == 2.0
+    assert common.paired_ratio(b_shifted, a) == 2.0
+    assert abs(statistics.median(b_shifted) / statistics.median(a) - 2.0 / 3.0) < 1e-12
+    with pytest.raises(ValueError, match="equally long"):
+        common.paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        common.paired_ratio([], [])
