@@ -13,7 +13,6 @@ import torch
 
 import vitattn
 from vitattn import reference
-from vitattn._dispatch import BackendUnavailableError
 
 from _util import TRITON_DEVICE, assert_close, noncontiguous
 

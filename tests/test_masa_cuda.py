@@ -6,8 +6,6 @@ class (accumulator counts 1, 2, 4, 8 per lane), fp32/fp16/bf16 values and gradie
 strided inputs, determinism, torch.compile and bad input.
 """
 
-import sys
-
 import pytest
 import torch
 

@@ -3,18 +3,15 @@ every backend against the dense reference, autograd, checkpoints, determinism, c
 
 import importlib
 import json
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitattn
 import vitattn.models._common
 import vitattn.models.rmt as rmt
 
-from _util import TRITON_DEVICE
 from _models_util import (DEV, assert_every_param_has_finite_nonzero_grad, bf16_autocast_error,
                           check_channels_last_and_strided_inputs, check_checkpointing_same_grads,
                           check_convolutions_get_channels_last_inputs,

@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitattn.models._common as common
 import vitattn.models.setformer as st
 
-from _util import TRITON_DEVICE
 from _models_util import (DEV, assert_every_param_has_finite_nonzero_grad, bf16_autocast_error,
                           check_channels_last_and_strided_inputs, check_checkpointing_same_grads,
                           check_convolutions_get_channels_last_inputs,

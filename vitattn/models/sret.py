@@ -39,7 +39,6 @@ Permutation of the recursive pass (only where ``groups2 > 1``)
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch

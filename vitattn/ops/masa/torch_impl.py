@@ -17,7 +17,6 @@ softmax's fused backward.
 
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 
