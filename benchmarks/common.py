@@ -414,7 +414,7 @@ def cli(name: str, run: Callable[..., List[Dict]], columns: List[str], descripti
     return rows
 
 
-# ---------------------------------------------------------------- shared by the op benchmarks
+# ---------------------------------------------------------------- timing shared by the op and model benchmarks
 
 
 def time_rounds(calls: Dict[object, Callable[[], object]], warmup: int = 1, repeats: int = 9,

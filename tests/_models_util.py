@@ -126,22 +126,29 @@ def check_channels_last_and_strided_inputs(model):
     torch.testing.assert_close(got_model_cl, want, atol=1e-5, rtol=1e-5)
 
 
-def check_layer_norms_get_contiguous_tokens(model, x):
-    """Every LayerNorm of a forward receives contiguous tokens: a permuted or transposed view
-    entering a stage's residual stream would stay in it (element-wise ops keep their inputs'
-    layout) and make each LayerNorm copy its input (measured: 5-7% of DynaMixer-S and ~3% of
-    SReT-T inference at 224 b8)."""
+def _first_inputs_seen(model, x, module_type, probe):
+    """probe(first input) for every call of a ``module_type`` submodule during one no-grad
+    forward of x, in call order."""
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((type(mod).__name__, args[0].is_contiguous())))
-             for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(probe(args[0])))
+             for m in model.modules() if isinstance(m, module_type)]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
+    return seen
+
+
+def check_layer_norms_get_contiguous_tokens(model, x):
+    """Every LayerNorm of a forward receives contiguous tokens: a permuted or transposed view
+    entering a stage's residual stream would stay in it (element-wise ops keep their inputs'
+    layout) and make each LayerNorm copy its input (measured: 5-7% of DynaMixer-S and ~3% of
+    SReT-T inference at 224 b8)."""
+    seen = _first_inputs_seen(model, x, torch.nn.LayerNorm, lambda t: t.is_contiguous())
     assert seen, "no LayerNorm ran"
-    assert all(ok for _, ok in seen), f"{sum(not ok for _, ok in seen)} of {len(seen)} LayerNorm inputs not contiguous"
+    assert all(seen), f"{sum(not ok for ok in seen)} of {len(seen)} LayerNorm inputs not contiguous"
 
 
 def check_convolutions_get_channels_last_inputs(model, x):
@@ -150,16 +157,8 @@ def check_convolutions_get_channels_last_inputs(model, x):
     convolution (see models._common.channels_last_images; measured with a channels-last stem,
     224 b8 inference, one thread: RMT-T 1.08x, SReT-T 1.04-1.05x, DynaMixer-S 1.02x faster)."""
     assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    seen = []
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = _first_inputs_seen(model, x, torch.nn.Conv2d,
+                              lambda t: t.is_contiguous(memory_format=torch.channels_last))
     assert seen, "no Conv2d ran"
     assert all(seen), f"{sum(not ok for ok in seen)} of {len(seen)} Conv2d inputs not channels-last: {seen}"
 
